@@ -1,0 +1,3 @@
+from cdsp_core.cli import main
+
+raise SystemExit(main())

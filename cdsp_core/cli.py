@@ -1,0 +1,45 @@
+"""The `cdsp` command line: one subcommand per stage, each defined beside its logic.
+
+Every module in SUBCOMMAND_MODULES has `add_subcommand(subparsers)`, which adds its parser
+and sets `func` (called with the parsed namespace; returns an exit code or None).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from cdsp_core.errors import CdspError
+
+SUBCOMMAND_MODULES = (
+    "cdsp_core.synth",
+    "cdsp_core.scribbles",
+    "cdsp_core.prepare",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cdsp", description="Scribble-supervised semantic segmentation with CDSP.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_subcommand(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except CdspError as e:
+        print(f"cdsp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cdsp {args.command}: interrupted", file=sys.stderr)
+        return 130

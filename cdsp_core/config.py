@@ -1,0 +1,173 @@
+"""The one typed home of every setting.
+
+The CLI flags, the KFP component inputs and the pipeline parameters are all derived
+from these dataclasses (see `add_arguments`, `from_namespace` and `pipelines/`), so a
+setting is declared once, here, with its default and its help text.
+
+Field types are limited to str, int, float and bool so that every field can also be a
+KFP pipeline parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help string (used for --help and the pipeline docs)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ClassifierConfig:
+    """Stage 1: the multi-label classifier trained on image-level labels from scribbles."""
+
+    backbone: str = opt("resnet50", "classifier backbone: resnet18|resnet34|resnet50|resnet101|resnet152")
+    pretrained: str = opt("", "ImageNet weights (torchvision layout) from a file or URI; empty: from scratch")
+    output_stride: int = opt(16, "backbone output stride (16, or 8 for small images)")
+    cls_epochs: int = opt(20, "classifier training epochs")
+    cls_batch_size: int = opt(16, "classifier batch size")
+    cls_lr: float = opt(0.01, "classifier learning rate (SGD)")
+    cls_crop_size: int = opt(448, "classifier training crop size")
+    cls_scribble_ce: float = opt(0.0, "weight of a partial CE on scribble pixels through the CAM head (0: off)")
+
+
+@dataclass
+class PseudoLabelConfig:
+    """CAM pseudo-labels and the two distance maps."""
+
+    cam_threshold: float = opt(0.3, "background score tau: a pixel is background unless some CAM exceeds it")
+    cam_scales: str = opt("0.5,1.0,1.5,2.0", "comma-separated CAM inference scales (each also flipped)")
+    cam_margin: float = opt(0.0, "mark pixels whose top-two CAM score margin is below this as 255 (0: off)")
+    cam_random_walk: bool = opt(False, "refine CAMs by propagating scribble seeds over colour affinities")
+    lambda_s: float = opt(math.e, "lambda_s of the scribble distance map")
+    lambda_c: float = opt(math.e**6, "lambda_c of the pseudo-label boundary distance map")
+    distance_include_background: bool = opt(False, "count background strokes in the scribble distance map")
+
+
+@dataclass
+class SegTrainConfig:
+    """Stage 2: CDSP segmentation training (defaults = the paper's reference recipe)."""
+
+    segmenter: str = opt("deeplabv2", "segmenter: deeplabv2|deeplabv3p")
+    backbone: str = opt("resnet101", "backbone: resnet18|resnet34|resnet50|resnet101|resnet152")
+    pretrained: str = opt("", "ImageNet weights (torchvision layout) from a file or URI; nothing is downloaded")
+    l_seg: float = opt(1.0, "weight of the partial CE on scribbles (0 switches it off)")
+    l_pseudo: float = opt(1.0, "weight of the smoothed CE on pseudo-labels (0 switches it off)")
+    l_lorm: float = opt(1.0, "weight of the LoRM loss (0 switches it off)")
+    l_ds: float = opt(1.0, "weight of the DEL on the scribble distance map (0 switches it off)")
+    l_dc: float = opt(1.0, "weight of the DEL on the boundary distance map (0 switches it off)")
+    label_smoothing: float = opt(0.1, "label smoothing epsilon of the pseudo-label CE")
+    crop_size: int = opt(465, "random crop size")
+    scale_min: float = opt(0.5, "random scale, lower bound")
+    scale_max: float = opt(2.0, "random scale, upper bound")
+    rotation: float = opt(10.0, "random rotation, degrees either way")
+    epochs: int = opt(50, "training epochs")
+    batch_size: int = opt(16, "batch size (per process)")
+    lr: float = opt(1e-3, "base learning rate (SGD)")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-4, "SGD weight decay")
+    warmup_epochs: int = opt(5, "linear warm-up epochs before cosine decay")
+    device: str = opt("auto", "auto|cpu|cuda")
+    amp: bool = opt(True, "mixed precision (bf16 on CPU, fp16 with a scaler on CUDA)")
+    workers: int = opt(4, "data-loading worker processes")
+    seed: int = opt(0, "random seed")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on the val split."""
+
+    multi_scale: bool = opt(False, "multi-scale + flip inference")
+    eval_scales: str = opt("0.5,0.75,1.0,1.25,1.5", "scales for multi-scale inference")
+    n_overlays: int = opt(4, "colour overlays (image | ground truth | prediction) to write")
+
+
+# Presets: named overrides of the defaults above. "paper" is the reference recipe (the
+# defaults); "cpu" trains tiny models on tiny images in minutes on a 2-core CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "cpu": {
+        # classifier
+        "backbone": "resnet18",
+        "output_stride": 8,
+        "cls_epochs": 15,
+        "cls_batch_size": 16,
+        "cls_lr": 0.05,
+        "cls_crop_size": 96,
+        # segmenter
+        "segmenter": "deeplabv2",
+        "crop_size": 96,
+        "scale_min": 0.75,
+        "scale_max": 1.5,
+        "epochs": 30,
+        "batch_size": 16,
+        "lr": 0.01,
+        "warmup_epochs": 2,
+        "workers": 0,
+        "amp": False,
+        "cam_scales": "1.0,1.5",
+    },
+}
+
+
+def fields_of(cls: type) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, *classes: type) -> None:
+    """Add one flag per field of each dataclass (`--l-seg`, `--amp/--no-amp`, ...)."""
+    for cls in classes:
+        group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+        for f in fields_of(cls):
+            help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+            if f.type in ("bool", bool):
+                group.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=None, help=help_text)
+            else:
+                typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+                group.add_argument(flag(f.name), dest=f.name, type=typ, default=None, help=help_text)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="named defaults: 'paper' (reference recipe) or 'cpu' (tiny, for a laptop)")
+
+
+def build(cls: type[T], preset: str | None = None, **overrides: Any) -> T:
+    """An instance of `cls`: defaults, then the preset, then explicit overrides (None = unset)."""
+    names = {f.name for f in fields_of(cls)}
+    values = {k: v for k, v in PRESETS.get(preset or "paper", {}).items() if k in names}
+    values.update({k: v for k, v in overrides.items() if k in names and v is not None})
+    return cls(**values)
+
+
+def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
+    """The config of `cls` from parsed CLI flags (preset applied under explicit flags)."""
+    return build(cls, getattr(ns, "preset", None), **vars(ns))
+
+
+def to_dict(*configs: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for c in configs:
+        out.update(dataclasses.asdict(c))
+    return out
+
+
+def save(path: str, *configs: Any) -> None:
+    from cdsp_core.fsutil import atomic_write_text
+
+    atomic_write_text(path, json.dumps(to_dict(*configs), indent=2, sort_keys=True) + "\n")
+
+
+def load(cls: type[T], path: str) -> T:
+    with open(path, encoding="utf-8") as fh:
+        return build(cls, None, **json.load(fh))
