@@ -29,9 +29,9 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
 class ClassifierConfig:
     """Stage 1: the multi-label classifier trained on image-level labels from scribbles."""
 
-    backbone: str = opt("resnet50", "classifier backbone: resnet18|resnet34|resnet50|resnet101|resnet152")
-    pretrained: str = opt("", "ImageNet weights (torchvision layout) from a file or URI; empty: from scratch")
-    output_stride: int = opt(16, "backbone output stride (16, or 8 for small images)")
+    cls_backbone: str = opt("resnet50", "classifier backbone: resnet18|resnet34|resnet50|resnet101|resnet152")
+    cls_pretrained: str = opt("", "classifier ImageNet weights (torchvision layout), file or URI; empty: from scratch")
+    cls_output_stride: int = opt(16, "backbone output stride (16, or 8 for small images)")
     cls_epochs: int = opt(20, "classifier training epochs")
     cls_batch_size: int = opt(16, "classifier batch size")
     cls_lr: float = opt(0.01, "classifier learning rate (SGD)")
@@ -96,14 +96,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "cpu": {
         # classifier
-        "backbone": "resnet18",
-        "output_stride": 8,
+        "cls_backbone": "resnet18",
+        "cls_output_stride": 8,
         "cls_epochs": 15,
         "cls_batch_size": 16,
         "cls_lr": 0.05,
         "cls_crop_size": 96,
         # segmenter
         "segmenter": "deeplabv2",
+        "backbone": "resnet18",
         "crop_size": 96,
         "scale_min": 0.75,
         "scale_max": 1.5,
@@ -116,6 +117,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cam_scales": "1.0,1.5",
     },
 }
+
+
+# Every config class, in pipeline order. Field names are unique across all of them, so
+# they can share one CLI namespace and one set of pipeline parameters.
+ALL_CONFIGS: tuple[type, ...] = (ClassifierConfig, PseudoLabelConfig, SegTrainConfig, EvalConfig)
 
 
 def fields_of(cls: type) -> list[dataclasses.Field]:

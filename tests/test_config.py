@@ -1,0 +1,40 @@
+"""The typed config is the one source of every flag and pipeline parameter."""
+
+import argparse
+from collections import Counter
+
+from cdsp_core import config
+
+
+def test_field_names_are_unique_across_configs():
+    names = Counter(f.name for cls in config.ALL_CONFIGS for f in config.fields_of(cls))
+    assert [n for n, c in names.items() if c > 1] == []
+
+
+def test_every_field_has_help_and_a_pipeline_friendly_type():
+    for cls in config.ALL_CONFIGS:
+        for f in config.fields_of(cls):
+            assert f.metadata.get("help"), f.name
+            assert f.type in ("str", "int", "float", "bool"), (f.name, f.type)
+
+
+def test_preset_keys_exist():
+    names = {f.name for cls in config.ALL_CONFIGS for f in config.fields_of(cls)}
+    for preset, values in config.PRESETS.items():
+        assert set(values) <= names, (preset, set(values) - names)
+
+
+def test_cli_flags_preset_and_overrides():
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, config.SegTrainConfig)
+    ns = parser.parse_args(["--preset", "cpu", "--l-lorm", "0", "--no-amp", "--epochs", "3"])
+    cfg = config.from_namespace(config.SegTrainConfig, ns)
+    assert cfg.l_lorm == 0.0 and cfg.amp is False and cfg.epochs == 3
+    assert cfg.crop_size == config.PRESETS["cpu"]["crop_size"]
+    assert config.from_namespace(config.SegTrainConfig, parser.parse_args([])).crop_size == 465
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    cfg = config.build(config.SegTrainConfig, "cpu", lr=0.5)
+    config.save(tmp_path / "config.json", cfg)
+    assert config.load(config.SegTrainConfig, tmp_path / "config.json") == cfg
