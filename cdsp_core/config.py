@@ -148,17 +148,21 @@ def add_arguments(parser: argparse.ArgumentParser, *classes: type) -> None:
                         help="named defaults: 'paper' (reference recipe) or 'cpu' (tiny, for a laptop)")
 
 
-def build(cls: type[T], preset: str | None = None, **overrides: Any) -> T:
-    """An instance of `cls`: defaults, then the preset, then explicit overrides (None = unset)."""
+def build(cls: type[T], preset: str | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """An instance of `cls`: defaults, then the preset, then explicit overrides (None = unset).
+
+    Keys of `overrides` that are not fields of `cls` are ignored, so one namespace or dict
+    can feed every config class.
+    """
     names = {f.name for f in fields_of(cls)}
     values = {k: v for k, v in PRESETS.get(preset or "paper", {}).items() if k in names}
-    values.update({k: v for k, v in overrides.items() if k in names and v is not None})
+    values.update({k: v for k, v in (overrides or {}).items() if k in names and v is not None})
     return cls(**values)
 
 
 def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
     """The config of `cls` from parsed CLI flags (preset applied under explicit flags)."""
-    return build(cls, getattr(ns, "preset", None), **vars(ns))
+    return build(cls, getattr(ns, "preset", None), vars(ns))
 
 
 def to_dict(*configs: Any) -> dict[str, Any]:
@@ -176,4 +180,4 @@ def save(path: str, *configs: Any) -> None:
 
 def load(cls: type[T], path: str) -> T:
     with open(path, encoding="utf-8") as fh:
-        return build(cls, None, **json.load(fh))
+        return build(cls, None, json.load(fh))

@@ -35,6 +35,6 @@ def test_cli_flags_preset_and_overrides():
 
 
 def test_save_and_load_roundtrip(tmp_path):
-    cfg = config.build(config.SegTrainConfig, "cpu", lr=0.5)
+    cfg = config.build(config.SegTrainConfig, "cpu", {"lr": 0.5})
     config.save(tmp_path / "config.json", cfg)
     assert config.load(config.SegTrainConfig, tmp_path / "config.json") == cfg
