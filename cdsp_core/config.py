@@ -181,3 +181,41 @@ def save(path: str, *configs: Any) -> None:
 def load(cls: type[T], path: str) -> T:
     with open(path, encoding="utf-8") as fh:
         return build(cls, None, json.load(fh))
+
+
+# Settings of the Kubeflow pipeline itself (see pipelines/). They are not stage settings, so
+# they are not in ALL_CONFIGS and have no `cdsp` flags; field names stay unique all the same.
+
+
+@dataclass
+class PipelineConfig:
+    """Run parameters of the Kubeflow pipeline besides the stage settings."""
+
+    data_uri: str = opt("", "dataset root in the VOC layout: a local path or s3://bucket/prefix")
+    scribble_dir: str = opt("pascal_2012_scribble", "folder of scribble PNGs under the dataset root")
+    split_dir: str = opt("", "folder of the train/val lists under the dataset root (empty: found automatically)")
+    external_pseudo_uri: str = opt("", "pseudo-labels from another method (folder of PNGs); empty: CAM pseudo-labels")
+    cls_gpus: int = opt(0, "GPUs for the classifier, CAM and evaluation steps (0: CPU)")
+    gpus: int = opt(1, "GPUs for segmentation training; more than one runs DDP through torchrun in the pod")
+    force_train: bool = opt(False, "train even when the champion was trained on the same data fingerprint")
+
+
+@dataclass
+class ClusterConfig:
+    """Compile-time settings of the pipeline; each is read from the env var CDSP_<NAME> at compile time."""
+
+    image: str = opt("ghcr.io/cdsp-pipelines/cdsp-cpu:0.1.0", "image of the CPU steps (images/Dockerfile.cpu)")
+    cuda_image: str = opt("ghcr.io/cdsp-pipelines/cdsp-cuda:0.1.0",
+                          "image of the steps that may use a GPU (images/Dockerfile.cuda)")
+    pipeline_root: str = opt("s3://cdsp-artifacts/kfp", "where KFP keeps the artifacts of every run (an S3 URI)")
+    s3_secret: str = opt("cdsp-s3", "Kubernetes secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    mlflow_secret: str = opt("cdsp-mlflow", "Kubernetes secret with MLFLOW_TRACKING_URI (and optional credentials)")
+    settings_config_map: str = opt("cdsp-settings",
+                                   "optional ConfigMap with AWS_ENDPOINT_URL_S3 and PUSHGATEWAY_URL")
+    accelerator: str = opt("nvidia.com/gpu", "Kubernetes resource name of the accelerator")
+    step_cpu: str = opt("4", "CPU request of the data, classifier, CAM and evaluation steps")
+    step_memory: str = opt("16Gi", "memory request of the data, classifier, CAM and evaluation steps")
+    seg_cpu: str = opt("8", "CPU request of segmentation training (per pod)")
+    seg_memory: str = opt("48Gi", "memory request of segmentation training")
+    shm_size: str = opt("16Gi", "size of the in-memory /dev/shm of the training steps (data-loader workers)")
+    retries: int = opt(2, "retries of a failed step (exponential backoff)")
