@@ -1,0 +1,1 @@
+"""The five KFP components of the CDSP pipeline (see `components.stages`)."""

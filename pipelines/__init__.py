@@ -1,0 +1,1 @@
+"""The CDSP Kubeflow pipeline, its compilation and its local run."""
