@@ -1,0 +1,384 @@
+"""Networks: ResNet backbones, the stage-1 CAM classifier, DeepLab-v2/v3+ segmenters, LoRM.
+
+The ResNets follow torchvision's `resnet.py` module for module, so a torchvision ImageNet
+state dict (e.g. `resnet50-0676ba61.pth`) loads into them with strict=True; torchvision
+itself is not a dependency. Unlike torchvision, BasicBlock also takes a dilation, so
+ResNet-18/34 can run at output stride 8 or 16 too.
+
+Builders:
+    build_classifier(backbone, n_classes, output_stride, pretrained="") -> Classifier
+    build_segmenter(name, backbone, n_classes, pretrained="")          -> DeepLabV2 | DeepLabV3Plus
+    LoRM(channels)   the localisation rectification module (training only, kept outside the segmenter)
+
+`n_classes` always counts background (21 for VOC). Segmenters return
+`{"out": logits B×n_classes×H×W at the input size, "features": last backbone map B×C×h×w}`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdsp_core.errors import CdspError
+
+# ---------------------------------------------------------------------------- ResNet
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 dilation: int = 1):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride, dilation)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes, dilation=dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    # ResNet v1.5 (torchvision): the stride sits on the 3×3 convolution.
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 dilation: int = 1):
+        super().__init__()
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+RESNETS: dict[str, tuple[type[nn.Module], list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+    "resnet152": (Bottleneck, [3, 8, 36, 3]),
+}
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet. `include_top=False` drops avgpool/fc (backbone use).
+
+    `features(x)` returns (layer1 output at stride 4, layer4 output at the output stride).
+    """
+
+    def __init__(self, block: type[nn.Module], layers: Sequence[int], num_classes: int = 1000,
+                 replace_stride_with_dilation: Sequence[bool] = (False, False, False), include_top: bool = True):
+        super().__init__()
+        self.inplanes = 64
+        self.dilation = 1
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=replace_stride_with_dilation[0])
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=replace_stride_with_dilation[1])
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=replace_stride_with_dilation[2])
+        self.low_level_channels = 64 * block.expansion
+        self.out_channels = 512 * block.expansion
+        self.output_stride = 32 // 2 ** sum(bool(d) for d in replace_stride_with_dilation)
+        if include_top:
+            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+            self.fc = nn.Linear(self.out_channels, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int = 1,
+                    dilate: bool = False) -> nn.Sequential:
+        previous_dilation = self.dilation
+        if dilate:  # keep the resolution, grow the receptive field instead
+            self.dilation *= stride
+            stride = 1
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, previous_dilation)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        low = self.layer1(x)
+        return low, self.layer4(self.layer3(self.layer2(low)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "fc"):
+            raise RuntimeError("this ResNet was built without its classification top; use features()")
+        return self.fc(torch.flatten(self.avgpool(self.features(x)[1]), 1))
+
+
+def dilation_for_stride(output_stride: int) -> tuple[bool, bool, bool]:
+    """replace_stride_with_dilation for layer2..layer4 that gives the output stride 8, 16 or 32."""
+    table = {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}
+    if output_stride not in table:
+        raise CdspError(f"output stride must be 8, 16 or 32, got {output_stride}")
+    return table[output_stride]
+
+
+def resnet(name: str, output_stride: int = 32, include_top: bool = True, num_classes: int = 1000) -> ResNet:
+    """ResNet-18/34/50/101/152 by name, e.g. resnet("resnet50", output_stride=8, include_top=False)."""
+    if name not in RESNETS:
+        raise CdspError(f"unknown backbone {name!r} (choose from {', '.join(RESNETS)})")
+    block, layers = RESNETS[name]
+    return ResNet(block, layers, num_classes, dilation_for_stride(output_stride), include_top)
+
+
+# ---------------------------------------------------------------------------- pretrained weights
+
+
+def _read_bytes(path_or_uri: str) -> bytes:
+    if "://" in path_or_uri:
+        from cdsp_core import storage  # lazily: boto3 is only needed for URIs
+
+        return storage.read_bytes(path_or_uri)
+    with open(path_or_uri, "rb") as fh:
+        return fh.read()
+
+
+def load_pretrained(model: nn.Module, path_or_uri: str) -> nn.Module:
+    """Load torchvision-layout ResNet weights (a file or a storage URI) into `model`, strictly.
+
+    `model` is a ResNet, or a network with a ResNet `.backbone`. The weights' `fc.*` entries
+    are dropped when the backbone has no classification top. Any other missing, unexpected or
+    misshapen entry is a CdspError naming the file. Loaded with torch.load(weights_only=True).
+    """
+    target = model.backbone if isinstance(getattr(model, "backbone", None), ResNet) else model
+    try:
+        data = _read_bytes(path_or_uri)
+    except FileNotFoundError as e:
+        raise CdspError(f"{path_or_uri}: pretrained weights not found") from e
+    except OSError as e:
+        raise CdspError(f"{path_or_uri}: cannot read pretrained weights: {e}") from e
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise CdspError(f"{path_or_uri}: not a torch state dict ({type(e).__name__}: {e})") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a common checkpoint wrapping
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CdspError(f"{path_or_uri}: not a state dict of tensors")
+    if not hasattr(target, "fc"):
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+    own = target.state_dict()
+    # BatchNorm fills in num_batches_tracked when old torchvision files lack it.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape]
+    if missing or unexpected or misshapen:
+        parts = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
+                 if keys]
+        raise CdspError(f"{path_or_uri}: weights do not fit this {type(target).__name__} "
+                        f"(wrong backbone?): {'; '.join(parts)}")
+    target.load_state_dict(state, strict=True)
+    return model
+
+
+# ---------------------------------------------------------------------------- stage 1: classifier
+
+
+class Classifier(nn.Module):
+    """Backbone, global average pooling, a bias-free 1×1 convolution to n_classes − 1 logits.
+
+    Logit k is class k + 1 (background is not an output). Because pooling and the 1×1
+    convolution are both linear, the logits equal the spatial mean of the class maps w_c·F.
+    """
+
+    def __init__(self, backbone: ResNet, n_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.n_classes = n_classes
+        self.classifier = nn.Conv2d(backbone.out_channels, n_classes - 1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Image-level logits B×(C−1)."""
+        pooled = self.backbone.features(x)[1].mean((2, 3), keepdim=True)
+        return self.classifier(pooled).flatten(1)
+
+    def class_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_c·F, the class maps B×(C−1)×h×w before ReLU, and the logits B×(C−1) = their mean)."""
+        maps = self.classifier(self.backbone.features(x)[1])
+        return maps, maps.mean((2, 3))
+
+    def forward_cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw CAMs ReLU(w_c·F) B×(C−1)×h×w, logits B×(C−1))."""
+        maps, logits = self.class_maps(x)
+        return F.relu(maps), logits
+
+
+def build_classifier(backbone: str, n_classes: int, output_stride: int = 16, pretrained: str = "") -> Classifier:
+    """The stage-1 classifier; `pretrained` is a torchvision-layout weight file or URI ("" = from scratch)."""
+    model = Classifier(resnet(backbone, output_stride, include_top=False), n_classes)
+    if pretrained:
+        load_pretrained(model, pretrained)
+    return model
+
+
+# ---------------------------------------------------------------------------- stage 2: segmenters
+
+
+class DeepLabV2(nn.Module):
+    """DeepLab-v2: ASPP-v2 = four parallel 3×3 atrous convolutions (6/12/18/24) to class scores, summed."""
+
+    def __init__(self, backbone: ResNet, n_classes: int, rates: Sequence[int] = (6, 12, 18, 24)):
+        super().__init__()
+        self.backbone = backbone
+        self.n_classes = n_classes
+        self.aspp = nn.ModuleList(
+            nn.Conv2d(backbone.out_channels, n_classes, 3, padding=r, dilation=r) for r in rates)
+        for conv in self.aspp:  # as in the original DeepLab-v2 release
+            nn.init.normal_(conv.weight, 0, 0.01)
+            nn.init.constant_(conv.bias, 0)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone.features(x)[1]
+        logits = sum(branch(features) for branch in self.aspp)
+        out = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"out": out, "features": features}
+
+
+class ASPPPooling(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(super().forward(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ASPP(nn.Module):
+    """DeepLab-v3 ASPP (torchvision's): a 1×1 branch, 3×3 atrous branches, image pooling; concat, project."""
+
+    def __init__(self, in_channels: int, rates: Sequence[int] = (6, 12, 18), out_channels: int = 256):
+        super().__init__()
+        branches: list[nn.Module] = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                                   nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))]
+        for r in rates:
+            branches.append(nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 3, padding=r, dilation=r, bias=False),
+                nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)))
+        branches.append(ASPPPooling(in_channels, out_channels))
+        self.convs = nn.ModuleList(branches)
+        self.project = nn.Sequential(nn.Conv2d(len(branches) * out_channels, out_channels, 1, bias=False),
+                                     nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True), nn.Dropout(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([conv(x) for conv in self.convs], dim=1))
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLab-v3+: ASPP (1/6/12/18 + image pooling) on the last map, decoder with the stride-4 layer1 map."""
+
+    def __init__(self, backbone: ResNet, n_classes: int, rates: Sequence[int] = (6, 12, 18)):
+        super().__init__()
+        self.backbone = backbone
+        self.n_classes = n_classes
+        self.aspp = ASPP(backbone.out_channels, rates, 256)
+        self.project_low = nn.Sequential(nn.Conv2d(backbone.low_level_channels, 48, 1, bias=False),
+                                         nn.BatchNorm2d(48), nn.ReLU(inplace=True))
+        self.decoder = nn.Sequential(
+            nn.Conv2d(256 + 48, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
+            nn.Conv2d(256, n_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        low, features = self.backbone.features(x)
+        y = F.interpolate(self.aspp(features), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        logits = self.decoder(torch.cat([self.project_low(low), y], dim=1))
+        out = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"out": out, "features": features}
+
+
+SEGMENTERS: dict[str, type[nn.Module]] = {"deeplabv2": DeepLabV2, "deeplabv3p": DeepLabV3Plus}
+
+
+def build_segmenter(name: str, backbone: str, n_classes: int, pretrained: str = "",
+                    output_stride: int = 8) -> nn.Module:
+    """DeepLab-v2 ("deeplabv2") or DeepLab-v3+ ("deeplabv3p") on a ResNet at output stride 8.
+
+    `pretrained` loads torchvision-layout ImageNet weights into the backbone ("" = from scratch).
+    """
+    if name not in SEGMENTERS:
+        raise CdspError(f"unknown segmenter {name!r} (choose from {', '.join(SEGMENTERS)})")
+    model = SEGMENTERS[name](resnet(backbone, output_stride, include_top=False), n_classes)
+    if pretrained:
+        load_pretrained(model, pretrained)
+    return model
+
+
+# ---------------------------------------------------------------------------- LoRM
+
+
+class LoRM(nn.Module):
+    """Localisation rectification module (training only): F' = γ · m · softmax_j(cos(Q_i, K_j)) F_j.
+
+    Q = W_q F, K = W_k F (1×1 convolutions C→C); m_i = 1 where the pseudo-label, resized to
+    h×w by nearest neighbour, is foreground (1..C−1; 0 and 255 are not); γ a learnt scalar,
+    initialised to 1. forward(features, pseudo_label) returns F'; the loss against F is
+    `losses.lorm_loss(features, rectified)`. Kept out of the segmenter so inference and the
+    saved model do not carry it; the training loop owns (and optimises) it.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.query = nn.Conv2d(channels, channels, 1)
+        self.key = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.ones(()))
+        for conv in (self.query, self.key):  # as in the authors' code
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.constant_(conv.bias, 0)
+
+    def forward(self, features: torch.Tensor, pseudo_label: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = features.shape
+        # cosine similarity: unit-length columns, normalised in at least float32 (fp16 norms overflow)
+        precision = torch.promote_types(features.dtype, torch.float32)
+        q = F.normalize(self.query(features).flatten(2).to(precision), dim=1)  # B×C×N
+        k = F.normalize(self.key(features).flatten(2).to(precision), dim=1)
+        attention = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # B×N×N, rows i sum to 1 over j
+        label = F.interpolate(pseudo_label[:, None].float(), size=(h, w), mode="nearest")
+        mask = ((label != 0) & (label != 255)).flatten(2).to(features.dtype)  # B×1×N
+        consensus = features.flatten(2) @ attention.transpose(1, 2).to(features.dtype)  # Σ_j A_ij F_j, B×C×N
+        return (self.gamma * mask * consensus).view(b, c, h, w)

@@ -1,0 +1,212 @@
+"""Networks: torchvision's ResNet state-dict layout, output strides, heads, pretrained loading, LoRM."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from cdsp_core.errors import CdspError
+from cdsp_core.models import (
+    LoRM,
+    build_classifier,
+    build_segmenter,
+    load_pretrained,
+    resnet,
+)
+
+# torchvision's block counts and widths, written down independently of cdsp_core.models.
+BLOCKS = {"resnet18": (False, [2, 2, 2, 2]), "resnet34": (False, [3, 4, 6, 3]),
+          "resnet50": (True, [3, 4, 6, 3]), "resnet101": (True, [3, 4, 23, 3]), "resnet152": (True, [3, 8, 36, 3])}
+# Parameter counts that torchvision's documentation lists for these models.
+TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
+                      "resnet101": 44_549_160, "resnet152": 60_192_808}
+
+
+def torchvision_layout(name: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The (key, shape) list of torchvision's `models.<name>().state_dict()`, in order."""
+    bottleneck, counts = BLOCKS[name]
+
+    def bn(prefix: str, n: int) -> list[tuple[str, tuple[int, ...]]]:
+        return [(f"{prefix}.weight", (n,)), (f"{prefix}.bias", (n,)), (f"{prefix}.running_mean", (n,)),
+                (f"{prefix}.running_var", (n,)), (f"{prefix}.num_batches_tracked", ())]
+
+    keys = [("conv1.weight", (64, 3, 7, 7)), *bn("bn1", 64)]
+    inplanes = 64
+    for layer, (planes, n_blocks) in enumerate(zip([64, 128, 256, 512], counts), start=1):
+        out = planes * (4 if bottleneck else 1)
+        for i in range(n_blocks):
+            p = f"layer{layer}.{i}"
+            cin = inplanes if i == 0 else out
+            if bottleneck:
+                keys += [(f"{p}.conv1.weight", (planes, cin, 1, 1)), *bn(f"{p}.bn1", planes),
+                         (f"{p}.conv2.weight", (planes, planes, 3, 3)), *bn(f"{p}.bn2", planes),
+                         (f"{p}.conv3.weight", (out, planes, 1, 1)), *bn(f"{p}.bn3", out)]
+            else:
+                keys += [(f"{p}.conv1.weight", (planes, cin, 3, 3)), *bn(f"{p}.bn1", planes),
+                         (f"{p}.conv2.weight", (planes, planes, 3, 3)), *bn(f"{p}.bn2", planes)]
+            if i == 0 and (layer > 1 or cin != out):
+                keys += [(f"{p}.downsample.0.weight", (out, cin, 1, 1)), *bn(f"{p}.downsample.1", out)]
+        inplanes = out
+    keys += [("fc.weight", (1000, inplanes)), ("fc.bias", (1000,))]
+    return keys
+
+
+def fake_torchvision_weights(name: str, drop_batch_counters: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for k, shape in torchvision_layout(name):
+        if k.endswith("num_batches_tracked"):
+            if not drop_batch_counters:  # old torchvision files lack these
+                state[k] = torch.tensor(7)
+        else:
+            state[k] = torch.randn(shape, generator=g)
+    return state
+
+
+def test_resnet50_layout_is_torchvision():
+    expected = torchvision_layout("resnet50")
+    assert len(expected) == 320
+    with torch.device("meta"):
+        model = resnet("resnet50")
+    got = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    assert got == expected
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_every_resnet_layout_and_size(name):
+    with torch.device("meta"):
+        model = resnet(name)
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == torchvision_layout(name)
+    assert sum(p.numel() for p in model.parameters()) == TORCHVISION_PARAMS[name]
+    # dilation changes no key or shape
+    with torch.device("meta"):
+        dilated = resnet(name, output_stride=8, include_top=False)
+    assert [(k, tuple(v.shape)) for k, v in dilated.state_dict().items()] == torchvision_layout(name)[:-2]
+
+
+def test_output_strides():
+    x = torch.randn(1, 3, 64, 64)
+    for name, strides in (("resnet18", (8, 16, 32)), ("resnet50", (8,))):
+        for stride in strides:
+            model = resnet(name, output_stride=stride, include_top=False).eval()
+            with torch.no_grad():
+                low, out = model.features(x)
+            assert model.output_stride == stride
+            assert out.shape == (1, model.out_channels, 64 // stride, 64 // stride)
+            assert low.shape == (1, model.low_level_channels, 16, 16)
+    assert resnet("resnet18").eval()(x).shape == (1, 1000)
+    with pytest.raises(CdspError, match="output stride"):
+        resnet("resnet18", output_stride=4)
+    with pytest.raises(CdspError, match="resnet19"):
+        resnet("resnet19")
+
+
+def test_load_pretrained_strict(tmp_path):
+    state = fake_torchvision_weights("resnet18")
+    path = tmp_path / "resnet18.pth"
+    torch.save(state, path)
+    full = load_pretrained(resnet("resnet18"), str(path))
+    assert torch.equal(full.fc.weight, state["fc.weight"])
+    assert torch.equal(full.layer3[0].downsample[0].weight, state["layer3.0.downsample.0.weight"])
+
+    # into a classifier's and a segmenter's backbone (no fc there: those entries are dropped)
+    clf = build_classifier("resnet18", 21, output_stride=8, pretrained=str(path))
+    assert torch.equal(clf.backbone.conv1.weight, state["conv1.weight"])
+    seg = build_segmenter("deeplabv3p", "resnet18", 21, pretrained=str(path))
+    assert torch.equal(seg.backbone.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+
+    # old files without BatchNorm batch counters still load
+    old = tmp_path / "old.pth"
+    torch.save(fake_torchvision_weights("resnet18", drop_batch_counters=True), old)
+    load_pretrained(resnet("resnet18"), str(old))
+
+
+def test_load_pretrained_errors_name_the_file(tmp_path):
+    wrong_arch = tmp_path / "r34.pth"
+    torch.save(fake_torchvision_weights("resnet34"), wrong_arch)
+    with pytest.raises(CdspError, match=r"r34\.pth.*unexpected: layer1\.2"):
+        load_pretrained(resnet("resnet18"), str(wrong_arch))
+
+    state = fake_torchvision_weights("resnet18")
+    state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    del state["layer1.0.bn1.bias"]
+    broken = tmp_path / "broken.pth"
+    torch.save(state, broken)
+    with pytest.raises(CdspError, match=r"broken\.pth.*missing: layer1\.0\.bn1\.bias.*wrong shape: conv1\.weight"):
+        load_pretrained(resnet("resnet18"), str(broken))
+
+    with pytest.raises(CdspError, match=r"absent\.pth.*not found"):
+        load_pretrained(resnet("resnet18"), str(tmp_path / "absent.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"\x00garbage")
+    with pytest.raises(CdspError, match=r"junk\.pth.*not a torch state dict"):
+        load_pretrained(resnet("resnet18"), str(tmp_path / "junk.pth"))
+
+    # weights_only=True refuses to unpickle arbitrary objects
+    torch.save({"conv1.weight": argparse.Namespace(x=1)}, tmp_path / "evil.pth")
+    with pytest.raises(CdspError, match=r"evil\.pth.*not a torch state dict"):
+        load_pretrained(resnet("resnet18"), str(tmp_path / "evil.pth"))
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(CdspError, match=r"list\.pth.*not a state dict"):
+        load_pretrained(resnet("resnet18"), str(tmp_path / "list.pth"))
+
+
+def test_classifier_cams_and_logits():
+    model = build_classifier("resnet18", n_classes=5, output_stride=8).eval()
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        logits = model(x)
+        maps, map_logits = model.class_maps(x)
+        cams, cam_logits = model.forward_cams(x)
+    assert logits.shape == (2, 4) and maps.shape == (2, 4, 6, 5)
+    torch.testing.assert_close(map_logits, logits, rtol=1e-4, atol=1e-5)  # GAP and 1×1 conv commute
+    torch.testing.assert_close(cams, maps.clamp(min=0))
+    torch.testing.assert_close(cam_logits, logits, rtol=1e-4, atol=1e-5)
+    assert model.classifier.bias is None
+
+
+@pytest.mark.parametrize("name", ["deeplabv2", "deeplabv3p"])
+def test_segmenter_outputs(name):
+    model = build_segmenter(name, "resnet18", n_classes=3)
+    x = torch.randn(2, 3, 41, 50)  # not a multiple of the stride
+    out = model(x)
+    assert out["out"].shape == (2, 3, 41, 50)
+    assert out["features"].shape == (2, 512, 6, 7)  # output stride 8
+    out["out"].mean().backward()
+    assert model.backbone.conv1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["deeplabv2", "deeplabv3p"])
+def test_channels_last_and_autocast(name):
+    model = build_segmenter(name, "resnet18", n_classes=4).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 32, 32).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(x.contiguous())["out"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out["out"].shape == (1, 4, 32, 32) and torch.isfinite(out["out"]).all()
+    assert (out["out"].float().argmax(1) == ref.argmax(1)).float().mean() > 0.9
+    lorm = LoRM(512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rect = lorm(out["features"], torch.ones(1, 32, 32, dtype=torch.long))
+    assert rect.shape == out["features"].shape and torch.isfinite(rect).all()
+
+
+def test_unknown_segmenter():
+    with pytest.raises(CdspError, match="deeplabv4"):
+        build_segmenter("deeplabv4", "resnet18", 21)
+
+
+def test_lorm_mask_and_consensus():
+    lorm = LoRM(4)
+    assert lorm.gamma.item() == 1.0
+    feats = torch.randn(1, 4, 2, 2)
+    pseudo = torch.tensor([[[0, 3], [255, 1]]])
+    rect = lorm(feats, pseudo)
+    assert (rect[0, :, 0, 0] == 0).all() and (rect[0, :, 1, 0] == 0).all()  # background and ignored
+    assert (rect[0, :, 0, 1] != 0).all()
+    # identical features everywhere: the attention-weighted consensus is the feature itself
+    same = torch.randn(1, 4, 1, 1).expand(1, 4, 3, 3).contiguous()
+    rect = lorm(same, torch.ones(1, 3, 3, dtype=torch.long))
+    torch.testing.assert_close(rect, same)
