@@ -46,9 +46,41 @@ test: install test-services
 lint: install
 	$(VENV)/bin/ruff check .
 
+# The whole pipeline on this machine through kfp's local runner, `cpu` preset: synthetic data
+# (generated once) unless DATA_URI is given (a local path or s3://); MLFLOW_TRACKING_URI and
+# PUSHGATEWAY_URL are honoured; DEMO_ARGS takes more flags (python -m pipelines.local_run -h).
+DATA_URI ?=
+DEMO_ARGS ?=
 demo: install
-	$(VENV)/bin/cdsp synth --out $(DEMO_DIR)/data
-	$(VENV)/bin/cdsp prepare --data $(DEMO_DIR)/data --out $(DEMO_DIR)/prepared
+	$(PY) -m pipelines.local_run --out $(DEMO_DIR) $(if $(DATA_URI),--data-uri '$(DATA_URI)') $(DEMO_ARGS)
+
+# Images and the compiled pipeline: the components' base images are these (compile-time).
+REGISTRY ?= ghcr.io/cdsp-pipelines
+IMAGE_TAG ?= 0.1.0
+CDSP_IMAGE ?= $(REGISTRY)/cdsp-cpu:$(IMAGE_TAG)
+CDSP_CUDA_IMAGE ?= $(REGISTRY)/cdsp-cuda:$(IMAGE_TAG)
+PIPELINE_YAML ?= build/cdsp_pipeline.yaml
+KFP_ENDPOINT ?=
+KFP_EXPERIMENT ?= cdsp
+RUN_ARGS ?=
+
+# Other cluster settings come from CDSP_<NAME> env vars (CDSP_PIPELINE_ROOT, CDSP_S3_SECRET, ...).
+pipeline: install
+	CDSP_IMAGE='$(CDSP_IMAGE)' CDSP_CUDA_IMAGE='$(CDSP_CUDA_IMAGE)' $(PY) -m pipelines.cdsp_pipeline --out $(PIPELINE_YAML)
+
+# Pipeline parameters as key=value: make submit KFP_ENDPOINT=... DATA_URI=s3://... RUN_ARGS="epochs=30"
+submit: pipeline
+	@test -n "$(KFP_ENDPOINT)" || { echo "make submit: set KFP_ENDPOINT (the KFP API address)" >&2; exit 2; }
+	@test -n "$(DATA_URI)" || { echo "make submit: set DATA_URI (s3://bucket/prefix of the dataset)" >&2; exit 2; }
+	$(VENV)/bin/kfp --endpoint '$(KFP_ENDPOINT)' run create --experiment-name '$(KFP_EXPERIMENT)' \
+	  --package-file $(PIPELINE_YAML) data_uri='$(DATA_URI)' $(RUN_ARGS)
+
+images:
+	@docker info >/dev/null 2>&1 || { echo "make images: no Docker engine reachable (docker info failed)" >&2; exit 2; }
+	docker build -f images/Dockerfile.cpu -t $(CDSP_IMAGE) .
+	docker build -f images/Dockerfile.cuda -t $(CDSP_CUDA_IMAGE) .
+	docker push $(CDSP_IMAGE)
+	docker push $(CDSP_CUDA_IMAGE)
 
 clean:
 	rm -rf build .pytest_cache

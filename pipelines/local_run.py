@@ -1,0 +1,152 @@
+"""Run the whole CDSP pipeline on this machine with kfp's local runner.
+
+The very DAG that `make pipeline` compiles runs here, step by step, as subprocesses in the
+project's own Python environment (`kfp.local.SubprocessRunner(use_venv=False)`), with the
+`cpu` preset by default. Without --data-uri it generates the synthetic dataset first (once).
+MLflow goes to a local SQLite database unless MLFLOW_TRACKING_URI is set; PUSHGATEWAY_URL,
+AWS_* and other environment variables reach every step.
+
+    python -m pipelines.local_run --out build/demo                 # synthetic data
+    python -m pipelines.local_run --data-uri s3://bucket/voc --epochs 5
+
+What kfp's local runner does not do: Kubernetes settings (secrets, GPUs, /dev/shm, resources)
+and retries are cluster features and are ignored here; caching is off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from cdsp_core import config
+from cdsp_core.errors import CdspError
+
+log = logging.getLogger("cdsp.local_run")
+
+SETTINGS_CLASSES = (config.PipelineConfig, *config.ALL_CONFIGS)
+DEFAULT_PRESET = "cpu"
+
+
+def pipeline_arguments(preset: str | None, overrides: dict) -> dict:
+    """Every pipeline parameter: defaults, then the preset, then explicit overrides (None = unset)."""
+    return config.to_dict(*(config.build(cls, preset, overrides) for cls in SETTINGS_CLASSES))
+
+
+def ensure_synthetic_data(root: Path, n_train: int, n_val: int, size: int) -> Path:
+    from cdsp_core import synth
+
+    if (root / synth.MARKER).exists():
+        log.info("using the synthetic dataset in %s", root)
+    else:
+        synth.make_dataset(root, n_train=n_train, n_val=n_val, size=size)
+    return root
+
+
+def task_outputs(run_dir: Path, task: str) -> dict:
+    """Output parameters of one finished task, from its executor_output.json (empty if it did not run)."""
+    path = run_dir / task / "executor_output.json"
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8")).get("parameterValues", {})
+
+
+def read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def run(arguments: dict, out_dir: str | os.PathLike) -> dict:
+    """Run the pipeline locally with these pipeline arguments; return what happened.
+
+    The result: `run_dir` (the run's folder of task outputs), `trained` (False when the data
+    was unchanged since the champion), `decision` and, when trained, `metrics`
+    (`metrics.json` of the evaluation), `report` (its markdown), `promoted` and `model_dir`.
+    """
+    from kfp import local
+
+    from pipelines.cdsp_pipeline import PIPELINE_NAME, build_pipeline, cluster_settings
+
+    root = Path(out_dir).resolve() / "runs"
+    root.mkdir(parents=True, exist_ok=True)
+    before = set(root.iterdir())
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    pipeline = build_pipeline(cluster_settings())
+    with warnings.catch_warnings():
+        # Our image names carry no "python"; kfp warns for that, but here the steps run in our venv by design.
+        warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
+        try:
+            pipeline(**arguments)
+        except RuntimeError as e:  # kfp raises a RuntimeError naming the failed task; its log is above
+            raise CdspError(f"{root}: the local pipeline run failed: {e}") from None
+    new = sorted((p for p in set(root.iterdir()) - before if p.name.startswith(PIPELINE_NAME)), key=os.path.getmtime)
+    if not new:
+        raise CdspError(f"{root}: the local runner left no run folder")
+    run_dir = new[-1]
+    prep = task_outputs(run_dir, "data-prep")
+    result = {"run_dir": str(run_dir), "trained": bool(prep.get("Output")),
+              "fingerprint": read_text(run_dir / "data-prep" / "fingerprint"),
+              "data_report": read_text(run_dir / "data-prep" / "data_report")}
+    evaluation = run_dir / "evaluate" / "evaluation"
+    if result["trained"]:
+        result.update(metrics=json.loads(read_text(evaluation / "metrics.json")),
+                      report=read_text(run_dir / "evaluate" / "report"),
+                      promoted=bool(task_outputs(run_dir, "evaluate").get("Output")),
+                      model_dir=str(run_dir / "train-segmenter" / "model"), evaluation_dir=str(evaluation))
+    return result
+
+
+def summary_text(result: dict, tracking_uri: str) -> str:
+    lines = [""]
+    if result["trained"]:
+        m = result["metrics"]
+        verdict = "promoted to champion" if result["promoted"] else "not promoted: the champion is as good or better"
+        lines += [result["report"].strip(), "", f"mIoU {m['miou']:.4f}, pixel accuracy {m['pixel_acc']:.4f}; {verdict}"]
+    else:
+        lines += ["Training skipped: the champion model was trained on this very data "
+                  f"(fingerprint {result['fingerprint'][:16]}). Use --force-train to train anyway."]
+    lines += ["", "Where to look next:", f"  run folder (every step's outputs): {result['run_dir']}"]
+    if result["trained"]:
+        lines += [f"  model:                              {result['model_dir']}",
+                  f"  evaluation (metrics, overlays):     {result['evaluation_dir']}"]
+    if tracking_uri.startswith("sqlite:"):
+        lines += [f"  MLflow UI:  mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"]
+    else:
+        lines += [f"  MLflow:     {tracking_uri}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.local_run", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="build/demo", help="folder of the runs, the MLflow database and the data")
+    parser.add_argument("--synth-train", type=int, default=400, help="synthetic training images (no --data-uri)")
+    parser.add_argument("--synth-val", type=int, default=100, help="synthetic validation images (no --data-uri)")
+    parser.add_argument("--synth-size", type=int, default=96, help="synthetic image side in pixels (no --data-uri)")
+    config.add_arguments(parser, *SETTINGS_CLASSES)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.out).resolve()
+    try:
+        if not args.data_uri:
+            args.data_uri = str(ensure_synthetic_data(out / "data", args.synth_train, args.synth_val, args.synth_size))
+        # Every step is a subprocess that inherits this environment.
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+        arguments = pipeline_arguments(args.preset or DEFAULT_PRESET, vars(args))
+        started = time.time()
+        result = run(arguments, out)
+    except CdspError as e:
+        print(f"local_run: error: {e}", file=sys.stderr)
+        return 2
+    print(summary_text(result, os.environ["MLFLOW_TRACKING_URI"]))
+    print(f"\nThe local pipeline run took {time.time() - started:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""The compiled Kubeflow pipeline: parameters from the typed config, five tasks, GPU, retries, no secrets."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from kfp import components
+
+from cdsp_core import config
+from pipelines import cdsp_pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KFP_TYPES = {"str": "STRING", "int": "NUMBER_INTEGER", "float": "NUMBER_DOUBLE", "bool": "BOOLEAN"}
+TASKS = {"data-prep", "train-classifier", "pseudo-label", "train-segmenter", "evaluate"}
+# Fake credentials: if any of them reaches the compiled YAML, the test fails.
+FAKE_SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAFAKECDSPKEY123456", "AWS_SECRET_ACCESS_KEY": "fake-cdsp-s3-secret-9f8e7d",
+                "MLFLOW_TRACKING_USERNAME": "fake-cdsp-user-5a4b", "MLFLOW_TRACKING_PASSWORD": "fake-cdsp-pw-3c2d1e",
+                "MLFLOW_TRACKING_URI": "http://fake-cdsp-user-5a4b:fake-cdsp-pw-3c2d1e@mlflow.invalid"}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """The pipeline compiled by its CLI, with fake credentials in the environment."""
+    path = tmp_path_factory.mktemp("compiled") / "cdsp_pipeline.yaml"
+    env = {**os.environ, **FAKE_SECRETS, "CDSP_PIPELINE_ROOT": "s3://test-bucket/kfp-root", "CDSP_RETRIES": "3"}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cdsp_pipeline", "--out", str(path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = path.read_text()
+    spec, platform = yaml.safe_load_all(text)  # the pipeline spec, then the Kubernetes platform spec
+    return path, text, {**spec, **platform}
+
+
+def all_fields():
+    return [f for cls in (config.PipelineConfig, *config.ALL_CONFIGS) for f in config.fields_of(cls)]
+
+
+def same_default(got, want) -> bool:
+    if isinstance(want, bool) or isinstance(want, str):
+        return got == want
+    return math.isclose(float(got), float(want), rel_tol=1e-12)
+
+
+def test_pipeline_parameters_equal_the_config_fields(compiled):
+    _, _, ir = compiled
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    fields = all_fields()
+    assert sorted(params) == sorted(f.name for f in fields)
+    for f in fields:
+        assert params[f.name]["parameterType"] == KFP_TYPES[f.type], f.name
+        assert same_default(params[f.name]["defaultValue"], f.default), (f.name, params[f.name], f.default)
+        assert params[f.name].get("description"), f.name  # the help text reaches the KFP UI
+
+
+def test_components_take_their_stage_settings(compiled):
+    _, _, ir = compiled
+    comps = ir["components"]
+    expect = {"comp-train-classifier": config.ClassifierConfig, "comp-pseudo-label": config.PseudoLabelConfig,
+              "comp-train-segmenter": config.SegTrainConfig, "comp-evaluate": config.EvalConfig}
+    for name, cls in expect.items():
+        inputs = comps[name]["inputDefinitions"]["parameters"]
+        for f in config.fields_of(cls):
+            assert inputs[f.name]["parameterType"] == KFP_TYPES[f.type], (name, f.name)
+            assert same_default(inputs[f.name]["defaultValue"], f.default), (name, f.name)
+    # and the embedded source really has that signature: run it as kfp's executor would
+    command = ir["deploymentSpec"]["executors"]["exec-train-segmenter"]["container"]["command"]
+    namespace: dict = {}
+    exec(compile(command[-1], "ephemeral_component.py", "exec"), namespace)
+    sig = inspect.signature(namespace["train_segmenter"])
+    for f in config.fields_of(config.SegTrainConfig):
+        assert sig.parameters[f.name].default == f.default, f.name
+
+
+def test_yaml_loads_back_with_five_tasks_gpu_retries_and_caching(compiled):
+    path, _, ir = compiled
+    component = components.load_component_from_file(str(path))
+    assert component.name == cdsp_pipeline.PIPELINE_NAME
+    assert set(component.component_spec.inputs) == {f.name for f in all_fields()}
+
+    executors = ir["deploymentSpec"]["executors"]
+    assert set(executors) == {f"exec-{t}" for t in TASKS}
+    # the four training stages sit under the data-fingerprint condition
+    root_tasks = ir["root"]["dag"]["tasks"]
+    assert set(root_tasks) == {"data-prep", "condition-1"}
+    condition = root_tasks["condition-1"]["triggerPolicy"]["condition"]
+    assert "pipelinechannel--data-prep-Output" in condition and "== true" in condition
+    inner = ir["components"]["comp-condition-1"]["dag"]["tasks"]
+    assert set(inner) == TASKS - {"data-prep"}
+
+    seg = executors["exec-train-segmenter"]["container"]["resources"]
+    assert seg["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert "pipelinechannel--gpus" in seg["accelerator"]["resourceCount"]  # the `gpus` pipeline parameter
+    assert seg["resourceCpuRequest"] and seg["resourceMemoryLimit"]
+    assert "pipelinechannel--cls_gpus" in executors["exec-train-classifier"]["container"]["resources"][
+        "accelerator"]["resourceCount"]
+
+    tasks = {**inner, "data-prep": root_tasks["data-prep"]}
+    for name, task in tasks.items():
+        assert task["retryPolicy"]["maxRetryCount"] == 3, name  # CDSP_RETRIES at compile time
+    cached = {name for name, task in tasks.items() if task.get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"train-classifier", "pseudo-label", "train-segmenter"}
+    assert ir["defaultPipelineRoot"] == "s3://test-bucket/kfp-root"
+
+
+def test_kubernetes_settings_secrets_and_shared_memory(compiled):
+    _, _, ir = compiled
+    k8s = ir["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(k8s) == {f"exec-{t}" for t in TASKS}
+    for name, spec in k8s.items():
+        envs = {(s["secretName"], m["envVar"]) for s in spec["secretAsEnv"] for m in s["keyToEnv"]}
+        assert ("cdsp-s3", "AWS_SECRET_ACCESS_KEY") in envs and ("cdsp-mlflow", "MLFLOW_TRACKING_URI") in envs, name
+    shm = k8s["exec-train-segmenter"]["emptyDirMounts"][0]
+    assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
+
+
+def test_no_secret_in_the_compiled_yaml(compiled):
+    _, text, ir = compiled
+    for name, value in FAKE_SECRETS.items():
+        assert value not in text, name
+    # credentials are never pipeline parameters either
+    params = " ".join(ir["root"]["inputDefinitions"]["parameters"]).lower()
+    assert not any(word in params for word in ("secret", "password", "access_key", "token"))
+
+
+def test_cluster_settings_come_from_the_environment():
+    cluster = cdsp_pipeline.cluster_settings({"CDSP_IMAGE": "reg.example/cdsp-cpu:9", "CDSP_RETRIES": "5"})
+    assert cluster.image == "reg.example/cdsp-cpu:9" and cluster.retries == 5
+    assert cluster.cuda_image == config.ClusterConfig().cuda_image
