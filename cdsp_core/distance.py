@@ -32,11 +32,24 @@ _CROSS = ndimage.generate_binary_structure(2, 1)
 
 
 def _scaled_distance(targets: np.ndarray, lam: float) -> np.ndarray:
-    """uint8(clip(√λ · d, 0, 255)) with d the distance of each pixel to the nearest target pixel."""
-    d = ndimage.distance_transform_edt(~targets)
-    d *= math.sqrt(lam)  # √λ·d, the reference's arithmetic: then clip, then truncate
+    """uint8(clip(√λ · d, 0, 255)) with d the distance of each pixel to the nearest target pixel.
+
+    Farther than 255/√λ from every target the map saturates at 255, so the EDT runs only on the
+    targets' bounding box grown by that reach (the whole image when the reach is long, as for
+    the scribble map). Distances inside are still exact: every target lies in the box.
+    """
+    if not lam > 0:
+        raise CdspError(f"the distance map's lambda must be positive, got {lam}")
+    scale = math.sqrt(lam)
+    reach = math.ceil(255.0 / scale)
+    rows, cols = np.flatnonzero(targets.any(axis=1)), np.flatnonzero(targets.any(axis=0))
+    box = (slice(max(rows[0] - reach, 0), rows[-1] + reach + 1), slice(max(cols[0] - reach, 0), cols[-1] + reach + 1))
+    d = ndimage.distance_transform_edt(~targets[box])
+    d *= scale  # √λ·d, the reference's arithmetic: then clip, then truncate
     np.minimum(d, 255.0, out=d)
-    return d.astype(np.uint8)
+    out = np.full(targets.shape, 255, np.uint8)
+    out[box] = d.astype(np.uint8)
+    return out
 
 
 def scribble_distance_map(scribble: np.ndarray, lam: float = math.e,

@@ -85,6 +85,28 @@ def test_boundary_map_matches_brute_force_on_a_blob():
     assert np.array_equal(boundary_distance_map(pseudo), expected)
 
 
+@pytest.mark.parametrize("corner", [(30, 40), (0, 0), (55, 75)])
+def test_far_pixels_saturate_exactly(corner):
+    # a small object in a larger image: beyond 255/√λ pixels of it the map is 255 (0 for scribbles)
+    y, x = corner
+    pseudo = np.zeros((60, 80), np.uint8)
+    pseudo[max(y - 2, 0): y + 3, max(x - 3, 0): x + 3] = 1
+    for lam in (math.e**6, 100.0, 1.0):
+        expected = brute_force(np.argwhere(pseudo_label_boundary(pseudo)), pseudo.shape, lam)
+        assert np.array_equal(boundary_distance_map(pseudo, lam=lam), expected)
+        expected = 255 - brute_force(np.argwhere(pseudo == 1), pseudo.shape, lam)
+        assert np.array_equal(scribble_distance_map(pseudo, lam=lam), expected)
+    assert (boundary_distance_map(pseudo)[pseudo == 0] == 255).mean() > 0.5
+
+
+def test_lambda_must_be_positive():
+    one = np.zeros((3, 3), np.uint8)
+    one[1, 1] = 1
+    for lam in (0.0, -1.0, float("nan")):
+        with pytest.raises(CdspError, match="lambda"):
+            boundary_distance_map(one, lam=lam)
+
+
 def test_boundary_explicit_loops():
     rng = np.random.default_rng(2)
     pseudo = (rng.random((12, 13)) < 0.5).astype(np.uint8) * 7
