@@ -16,8 +16,9 @@ Builders:
 
 from __future__ import annotations
 
-import io
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -167,13 +168,18 @@ def resnet(name: str, output_stride: int = 32, include_top: bool = True, num_cla
 # ---------------------------------------------------------------------------- pretrained weights
 
 
-def _read_bytes(path_or_uri: str) -> bytes:
-    if "://" in path_or_uri:
-        from cdsp_core import storage  # lazily: boto3 is only needed for URIs
-
-        return storage.read_bytes(path_or_uri)
-    with open(path_or_uri, "rb") as fh:
-        return fh.read()
+def _torch_load(path: str | Path, name: str) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise CdspError(f"{name}: pretrained weights not found") from e
+    except IsADirectoryError as e:
+        raise CdspError(f"{name}: is a folder, expected a weights file") from e
+    except OSError as e:
+        raise CdspError(f"{name}: cannot read pretrained weights: {e}") from e
+    except Exception as e:  # unpickling errors come in many types; their first line says enough
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise CdspError(f"{name}: not a torch state dict ({type(e).__name__}: {first_line})") from e
 
 
 def load_pretrained(model: nn.Module, path_or_uri: str) -> nn.Module:
@@ -181,19 +187,17 @@ def load_pretrained(model: nn.Module, path_or_uri: str) -> nn.Module:
 
     `model` is a ResNet, or a network with a ResNet `.backbone`. The weights' `fc.*` entries
     are dropped when the backbone has no classification top. Any other missing, unexpected or
-    misshapen entry is a CdspError naming the file. Loaded with torch.load(weights_only=True).
+    misshapen entry is a CdspError naming the file. Loaded with torch.load(weights_only=True);
+    a URI (s3://...) is first downloaded to a temporary file through `cdsp_core.storage`.
     """
     target = model.backbone if isinstance(getattr(model, "backbone", None), ResNet) else model
-    try:
-        data = _read_bytes(path_or_uri)
-    except FileNotFoundError as e:
-        raise CdspError(f"{path_or_uri}: pretrained weights not found") from e
-    except OSError as e:
-        raise CdspError(f"{path_or_uri}: cannot read pretrained weights: {e}") from e
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise CdspError(f"{path_or_uri}: not a torch state dict ({type(e).__name__}: {e})") from e
+    if "://" in path_or_uri:
+        from cdsp_core import storage  # lazily: boto3 is only needed for URIs
+
+        with tempfile.TemporaryDirectory(prefix="cdsp-weights-") as tmp:
+            state = _torch_load(storage.download_file(path_or_uri, Path(tmp) / "weights.pth"), path_or_uri)
+    else:
+        state = _torch_load(path_or_uri, path_or_uri)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a common checkpoint wrapping
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

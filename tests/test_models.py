@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import uuid
 
 import pytest
 import torch
+from services import s3_server
 
 from cdsp_core.errors import CdspError
 from cdsp_core.models import (
@@ -123,6 +125,23 @@ def test_load_pretrained_strict(tmp_path):
     load_pretrained(resnet("resnet18"), str(old))
 
 
+def test_load_pretrained_from_s3(tmp_path, monkeypatch):
+    state = fake_torchvision_weights("resnet18")
+    torch.save(state, tmp_path / "r18.pth")
+    with s3_server() as s3:
+        for k, v in s3.env().items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+        monkeypatch.delenv("AWS_PROFILE", raising=False)
+        bucket = f"w-{uuid.uuid4().hex[:12]}"
+        s3.client().create_bucket(Bucket=bucket)
+        s3.client().upload_file(str(tmp_path / "r18.pth"), bucket, "weights/r18.pth")
+        model = build_segmenter("deeplabv2", "resnet18", 5, pretrained=f"s3://{bucket}/weights/r18.pth")
+        assert torch.equal(model.backbone.layer2[1].conv2.weight, state["layer2.1.conv2.weight"])
+        with pytest.raises(CdspError, match=f"s3://{bucket}/weights/absent.pth"):
+            load_pretrained(model, f"s3://{bucket}/weights/absent.pth")
+
+
 def test_load_pretrained_errors_name_the_file(tmp_path):
     wrong_arch = tmp_path / "r34.pth"
     torch.save(fake_torchvision_weights("resnet34"), wrong_arch)
@@ -145,8 +164,11 @@ def test_load_pretrained_errors_name_the_file(tmp_path):
 
     # weights_only=True refuses to unpickle arbitrary objects
     torch.save({"conv1.weight": argparse.Namespace(x=1)}, tmp_path / "evil.pth")
-    with pytest.raises(CdspError, match=r"evil\.pth.*not a torch state dict"):
+    with pytest.raises(CdspError, match=r"evil\.pth.*not a torch state dict") as err:
         load_pretrained(resnet("resnet18"), str(tmp_path / "evil.pth"))
+    assert "\n" not in str(err.value)  # one line for the CLI
+    with pytest.raises(CdspError, match="is a folder"):
+        load_pretrained(resnet("resnet18"), str(tmp_path))
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(CdspError, match=r"list\.pth.*not a state dict"):
         load_pretrained(resnet("resnet18"), str(tmp_path / "list.pth"))
