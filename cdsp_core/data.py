@@ -248,9 +248,9 @@ def load_index(root: str | os.PathLike, scribble_dir: str | None = None,
     manifest = _read_manifest(root)
     classes = read_classes(root)
     scribble_dir = scribble_dir or manifest.get("scribble_dir") or DEFAULT_SCRIBBLE_DIR
-    split_dir = split_dir or manifest.get("split_dir") or _find_split_dir(root)
     if not (root / scribble_dir).is_dir():
         raise CdspError(f"{root / scribble_dir}: scribble folder not found (pass --scribble-dir)")
+    split_dir = split_dir or manifest.get("split_dir") or _find_split_dir(root)
     if not (root / split_dir).is_dir():
         raise CdspError(f"{root / split_dir}: split folder not found")
 

@@ -98,11 +98,12 @@ def _check_all(index: data.DatasetIndex) -> list[dict]:
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         results = list(progress(pool.map(check, jobs), "checking images", total=len(jobs)))
     errors = [r for r in results if isinstance(r, CdspError)]
-    for e in errors:
-        log.error("%s", e)
+    if len(errors) > 1:
+        for e in errors:
+            log.error("%s", e)
+        raise CdspError(f"{errors[0]} (and {len(errors) - 1} more problems, logged above)")
     if errors:
-        more = f" (and {len(errors) - 1} more problems, logged above)" if len(errors) > 1 else ""
-        raise CdspError(f"{errors[0]}{more}")
+        raise errors[0]
     return results  # type: ignore[return-value]
 
 
