@@ -184,7 +184,10 @@ def prepare(data_uri: str, out_dir: str, scribble_dir: str = data.DEFAULT_SCRIBB
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.download.", dir=out.parent) as tmp:
             storage.download_dir(data_uri, tmp)
-            return _prepare_local(Path(tmp), data_uri, out, scribble_dir, split_dir, copy=True, move=True)
+            try:
+                return _prepare_local(Path(tmp), data_uri, out, scribble_dir, split_dir, copy=True, move=True)
+            except CdspError as e:  # name the object the user knows, not our download folder
+                raise CdspError(str(e).replace(str(tmp), data_uri.rstrip("/"))) from e
     root = Path(data_uri.removeprefix("file://"))
     return _prepare_local(root, str(root.resolve()), out, scribble_dir, split_dir, copy)
 
