@@ -107,7 +107,7 @@ def refine_with_scribbles(cams: torch.Tensor, labels: Sequence[int], image: np.n
     in `labels` are ignored. `image` is H×W×3 uint8, `scribble` H×W (255 = unlabelled).
     """
     height, width = cams.shape[-2:]
-    if image.shape[:2] != (height, width) or scribble.shape != (height, width):
+    if image.ndim != 3 or image.shape[:2] != (height, width) or scribble.shape != (height, width):
         raise ValueError(f"image {image.shape}, scribble {scribble.shape} and CAMs {tuple(cams.shape)} differ in size")
     classes = [0, *labels]
     scores = torch.cat([torch.full((1, height, width), float(threshold)), cams.float().cpu()])

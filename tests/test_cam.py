@@ -138,3 +138,5 @@ def test_random_walk_without_scribbles_keeps_uniform_scores():
         torch.testing.assert_close(scores, torch.cat([torch.full((1, 48, 64), 0.3), cams]))
     with pytest.raises(ValueError, match="size"):
         refine_with_scribbles(cams, [1, 2], image[:10], np.full((48, 64), 255, np.uint8), threshold=0.3)
+    with pytest.raises(ValueError, match="size"):
+        refine_with_scribbles(cams, [1, 2], image[..., 0], np.full((48, 64), 255, np.uint8), threshold=0.3)
