@@ -14,6 +14,7 @@ of a split depends only on (seed, split, i).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -93,10 +94,13 @@ def _window(obj: dict, reach: float, size: int, scale: int) -> tuple[slice, slic
     return slice(lo_y, max(lo_y, hi_y)), slice(lo_x, max(lo_x, hi_x))
 
 
+@functools.lru_cache(maxsize=4)
 def _grid(size: int, scale: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates, in 1x pixel units, of a size*scale square grid."""
+    """Pixel-centre coordinates, in 1x pixel units, of a size*scale square grid (read-only, cached)."""
     c = (np.arange(size * scale, dtype=np.float32) + 0.5) / scale
-    return np.meshgrid(c, c)
+    x, y = np.meshgrid(c, c)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
 
 
 def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
