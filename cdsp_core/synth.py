@@ -178,8 +178,8 @@ def make_sample(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     instance = np.zeros((size, size), np.int32)  # which object owns each pixel (0: none)
     objects: list[dict] = []
     n_objects = int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
-    for _ in range(n_objects * 6):  # a few tries to place each object
-        if len(objects) == n_objects:
+    for attempt in range(100):  # a few tries per object, and never an image without one
+        if len(objects) == n_objects or (objects and attempt >= 6 * n_objects):
             break
         obj = _new_object(rng, size)
         mask = np.zeros((size, size), bool)
