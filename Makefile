@@ -82,5 +82,12 @@ images:
 	docker push $(CDSP_IMAGE)
 	docker push $(CDSP_CUDA_IMAGE)
 
+# The MLflow dashboard over the embedded store (mlflow.db and mlruns/ in this folder), on
+# localhost only: runs of `make demo` and `make bench` side by side. MLFLOW_UI_PORT=5000.
+MLFLOW_UI_PORT ?= 5000
+mlflow-ui: install
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_UI_PORT) \
+	  --workers 1 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlruns
+
 clean:
 	rm -rf build .pytest_cache

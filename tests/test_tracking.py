@@ -1,0 +1,269 @@
+"""tracking: runs, metrics, artifacts, the model registry and the champion alias, against a real
+`mlflow server` (SQLite backend) on 127.0.0.1, including the server going away mid-run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+from services import free_port, mlflow_server
+from torch import nn
+
+from cdsp_core import config, tracking
+from cdsp_core.errors import CdspError
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as s:
+        yield s
+
+
+@pytest.fixture
+def mlflow_env(server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while the server is away
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    monkeypatch.setenv("CDSP_CACHE_DIR", str(tmp_path / "cache"))
+    return MlflowClient(server.url)
+
+
+def experiment() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+class TinySegmenter(nn.Module):
+    """Stands in for DeepLab: same {"out": logits} output, a few hundred weights."""
+
+    def __init__(self, n_classes: int = 2):
+        super().__init__()
+        self.conv = nn.Conv2d(3, n_classes, 3, padding=1)
+
+    def forward(self, x):
+        return {"out": self.conv(x)}
+
+
+def model_folder(path, seed: int):
+    torch.manual_seed(seed)
+    model = TinySegmenter()
+    path.mkdir(parents=True)
+    torch.save(model.state_dict(), path / "model.pt")
+    (path / "config.json").write_text(json.dumps({"kind": "segmenter", "class_names": ["background", "cat"]}))
+    (path / "history.json").write_text(json.dumps([{"epoch": 1, "loss": 0.5}]))
+    return model, path
+
+
+def test_params_never_hold_secrets():
+    params = {**config.to_dict(config.SegTrainConfig()), "aws_secret_access_key": "abc", "mlflow_token": "t",
+              "pretrained": "s3://user:pa55@minio:9000/w/resnet.pth", "note": "AKIAABCDEFGHIJKLMNOP"}
+    safe = tracking.safe_params(params)
+    assert "aws_secret_access_key" not in safe and "mlflow_token" not in safe and "note" not in safe
+    assert safe["pretrained"] == "s3://minio:9000/w/resnet.pth"
+    assert safe["lr"] == "0.001" and safe["amp"] == "True" and safe["segmenter"] == "deeplabv2"
+    assert tracking.redact("http://u:p@host:5000/x") == "http://host:5000/x"
+
+
+def test_runs_params_and_metrics_without_duplicates_on_retry(mlflow_env):
+    client, exp = mlflow_env, experiment()
+    cfg = config.to_dict(config.SegTrainConfig(epochs=3))
+    parent = tracking.start_pipeline_run("kfp-run-1", experiment=exp, fingerprint="fp123", data_uri="s3://b/data")
+    assert tracking.start_pipeline_run("kfp-run-1", experiment=exp, fingerprint="fp123") == parent  # retried step
+
+    for attempt in range(2):  # the second attempt is a KFP retry of the same step
+        with tracking.stage_run(parent, "train_segmenter", {**cfg, "secret_key": "x"}) as run_id:
+            for epoch in range(1, 4):
+                tracking.log_metrics({"loss": 1.0 / epoch, "loss_seg": 0.5 / epoch, "lr": 0.01, "epoch": epoch,
+                                      "images_per_sec": 10.0 + attempt, "val_miou": 0.1 * epoch}, epoch * 10)
+        if attempt == 0:
+            first = run_id
+    assert run_id == first
+
+    exp_id = client.get_experiment_by_name(exp).experiment_id
+    runs = client.search_runs([exp_id])
+    assert len(runs) == 2  # one parent, one stage
+    stage = client.get_run(run_id)
+    assert stage.data.tags[tracking.PARENT_TAG] == parent
+    assert stage.data.tags[tracking.TAG_STAGE] == "train_segmenter"
+    assert stage.data.tags[tracking.TAG_PIPELINE_RUN] == "kfp-run-1"
+    assert stage.data.tags[tracking.TAG_FINGERPRINT] == "fp123"
+    assert stage.data.tags[tracking.TAG_CODE_VERSION].startswith("0.1.0")
+    assert stage.info.status == "FINISHED"
+    assert {k: stage.data.params[k] for k in cfg} == {k: str(v) for k, v in cfg.items()}
+    assert "secret_key" not in stage.data.params
+    top = client.get_run(parent)
+    assert top.data.params["lr"] == str(cfg["lr"]) and top.data.tags["cdsp.data_uri"] == "s3://b/data"
+    assert top.info.status == "FINISHED" and top.data.tags[tracking.TAG_STAGE] == "pipeline"
+
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted({(m.step, m.value) for m in history}) == [(10, 1.0), (20, 0.5), (30, 1 / 3)]
+    assert set(stage.data.metrics) >= {"loss", "loss_seg", "lr", "epoch", "images_per_sec", "val_miou"}
+
+
+def test_failed_stage_is_marked_failed(mlflow_env):
+    parent = tracking.start_pipeline_run(f"kfp-{uuid.uuid4().hex[:6]}", experiment=experiment())
+    with pytest.raises(ValueError, match="boom"):
+        with tracking.stage_run(parent, "pseudo_label") as run_id:
+            raise ValueError("boom")
+    assert mlflow_env.get_run(run_id).info.status == "FAILED"
+    assert mlflow_env.get_run(parent).info.status == "FAILED"
+
+
+def test_evaluation_metrics_and_artifacts(mlflow_env, tmp_path):
+    ev = tmp_path / "eval"
+    (ev / "overlays").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(ev / "overlays" / "img1.png")
+    metrics = {"miou": 0.625, "pixel_acc": 0.9, "per_class_iou": {"background": 0.8, "potted plant": 0.45},
+               "confusion_matrix": [[90, 10], [20, 30]], "n_images": 2, "split": "val"}
+    (ev / "metrics.json").write_text(json.dumps(metrics))
+    (ev / "report.md").write_text("# report\n")
+    parent = tracking.start_pipeline_run(f"kfp-{uuid.uuid4().hex[:6]}", experiment=experiment())
+    with tracking.stage_run(parent, "evaluate") as run_id:
+        flat = tracking.log_evaluation(ev)
+        tracking.log_dict({"fingerprint": "abc"}, "manifest.json")
+    run = mlflow_env.get_run(run_id)
+    assert flat == {"miou": 0.625, "pixel_acc": 0.9, "iou_background": 0.8, "iou_potted_plant": 0.45,
+                    "n_images": 2.0}
+    assert {k: run.data.metrics[k] for k in flat} == flat
+    names = {a.path for a in mlflow_env.list_artifacts(run_id)} | \
+            {a.path for a in mlflow_env.list_artifacts(run_id, "overlays")}
+    assert {"per_class_iou.csv", "per_class_iou.md", "confusion_matrix.png", "metrics.json", "report.md",
+            "manifest.json", "overlays/img1.png"} <= names
+    local = mlflow_env.download_artifacts(run_id, "confusion_matrix.png", str(tmp_path))
+    assert Image.open(local).size[0] > 100
+    table = open(mlflow_env.download_artifacts(run_id, "per_class_iou.csv", str(tmp_path))).read()
+    assert "potted plant,0.4500" in table
+
+
+def test_registry_promotion_both_ways_and_resolve(mlflow_env, tmp_path, monkeypatch):
+    client = mlflow_env
+    name = f"cdsp-segmenter-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setattr(tracking, "MODEL_NAME", name)
+    exp = experiment()
+    assert tracking.champion_info() is None
+    versions, weights = [], []
+    for i, (fingerprint, miou) in enumerate([("fp-a", 0.50), ("fp-b", 0.40)]):
+        parent = tracking.start_pipeline_run(f"kfp-reg-{i}-{uuid.uuid4().hex[:4]}", experiment=exp,
+                                             fingerprint=fingerprint)
+        model, folder = model_folder(tmp_path / f"model{i}", seed=i)
+        with tracking.stage_run(parent, "train_segmenter") as run_id:
+            version = tracking.log_segmenter(folder, model=model)
+            assert tracking.log_segmenter(folder, model=model) == version  # a retry registers nothing new
+        assert len(client.search_model_versions(f"name='{name}' and run_id='{run_id}'")) == 1
+        versions.append(version)
+        weights.append(model.state_dict())
+        with tracking.stage_run(parent, "evaluate"):
+            decision = tracking.promote_if_better(version, miou, val_split="val-1")
+        if i == 0:
+            assert decision["promoted"] and "no champion yet" in decision["reason"]
+        else:  # worse: the alias stays, and the version says why
+            assert not decision["promoted"] and decision["champion_version"] == versions[0]
+            assert "0.4000 does not beat champion version 1 (0.5000)" in decision["reason"]
+            mv = client.get_model_version(name, version)
+            assert mv.tags[tracking.TAG_DECISION] == "kept" and "does not beat" in mv.description
+    assert versions == ["1", "2"]
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    # Evaluated again (say, after a fix to the evaluation), version 2 now beats the champion.
+    decision = tracking.promote_if_better("2", 0.60, val_split="val-1", fingerprint="fp-b")
+    assert decision["promoted"] and "0.6000 beats champion version 1 (0.5000)" in decision["reason"]
+    assert client.get_model_version_by_alias(name, "champion").version == "2"
+    assert client.get_model_version(name, "2").tags[tracking.TAG_DECISION] == "promoted"
+
+    info = tracking.champion_info()
+    assert info["version"] == "2" and info["fingerprint"] == "fp-b" and info["miou"] == pytest.approx(0.6)
+    again = tracking.promote_if_better("2", 0.6, val_split="val-1")  # a retried evaluation step
+    assert again["promoted"] and "already the champion" in again["reason"]
+    other = tracking.promote_if_better("1", 0.99, val_split="val-2")
+    assert not other["promoted"] and "not comparable" in other["reason"]
+    assert client.get_model_version_by_alias(name, "champion").version == "2"
+
+    # The logged model: pickle-free, with signature and input example.
+    from mlflow.models import get_model_info
+
+    model_info = get_model_info(f"models:/{name}/2")
+    assert model_info.signature.inputs.inputs[0].shape == (-1, 3, -1, -1)
+    assert model_info.signature.outputs.inputs[0].shape == (-1, 2, -1, -1)
+    assert model_info.saved_input_example_info is not None
+    assert "pytorch" in model_info.flavors
+
+    folder = tracking.resolve_model(f"models:/{name}@champion")
+    state = torch.load(f"{folder}/model.pt", weights_only=True)
+    assert all(torch.equal(state[k], weights[1][k]) for k in weights[1])
+    assert json.loads(open(f"{folder}/config.json").read())["kind"] == "segmenter"
+    assert tracking.resolve_model(f"models:/{name}@champion") == folder  # cached
+    first = tracking.resolve_model(f"models:/{name}/1")
+    assert first != folder and torch.equal(torch.load(f"{first}/model.pt", weights_only=True)["conv.weight"],
+                                           weights[0]["conv.weight"])
+    with pytest.raises(CdspError, match="no such registered model version"):
+        tracking.resolve_model(f"models:/{name}@nobody")
+
+
+def test_server_stopped_mid_run(mlflow_env, server, tmp_path, caplog):
+    """Metric logging never blocks while the server is away and catches up when it is back;
+    final recording fails with a clear error (after the local outputs are written)."""
+    client = mlflow_env
+    parent = tracking.start_pipeline_run(f"kfp-{uuid.uuid4().hex[:6]}", experiment=experiment())
+    with caplog.at_level(logging.INFO, "cdsp_core.tracking"):
+        with tracking.stage_run(parent, "train_segmenter") as run_id:
+            for step in range(1, 4):
+                tracking.log_metrics({"loss": 1.0 / step}, step)
+            logger = tracking._active[-1][1]
+            deadline = time.monotonic() + 10
+            while logger.pending and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert logger.delivered == 3
+            server.stop()
+            try:
+                started = time.monotonic()
+                for step in range(4, 11):
+                    tracking.log_metrics({"loss": 1.0 / step}, step)
+                assert time.monotonic() - started < 0.5  # never waits on the server
+                (tmp_path / "model.pt").write_bytes(b"weights")  # the stage's local output
+                with pytest.raises(CdspError, match=rf"MLflow at {server.url}: could not record the final metrics"):
+                    tracking.log_final_metrics({"miou": 0.5})
+                with pytest.raises(CdspError, match="could not record"):
+                    tracking.promote_if_better("1", 0.5, val_split="v")
+                deadline = time.monotonic() + 10
+                while logger.failures < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert logger.failures >= 2 and logger.pending == 7
+            finally:
+                server.start()  # same port, same database
+    assert (tmp_path / "model.pt").read_bytes() == b"weights"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage()
+    assert any("reachable again" in r.getMessage() for r in caplog.records)
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+    assert steps == list(range(1, 11))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_metrics_that_cannot_be_sent_fail_the_stage_end(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    logger = tracking.metrics_logger("0" * 32)
+    logger({"loss": 1.0, "lr": 0.1}, 1)
+    with pytest.raises(CdspError, match="2 metric points of run 0+ could not be sent within 2 s"):
+        logger.close(timeout=2)
+
+
+def test_embedded_sqlite_store(server, monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri() == f"sqlite:///{tracking.project_dir() / 'mlflow.db'}"
+    # The embedded mode, no server between: the server's own database (already set up) is
+    # used directly here, which spares the test the schema migrations of a new one.
+    db = server.folder / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    parent = tracking.start_pipeline_run("local-1", experiment=experiment())
+    (tmp_path / "cfg.json").write_text("{}")
+    with tracking.stage_run(parent, "prepare", {"data_uri": "/data"}) as run_id:
+        tracking.log_metrics({"n_train": 5}, 0)
+        tracking.log_artifacts(tmp_path / "cfg.json")
+    client = MlflowClient(f"sqlite:///{db}")
+    assert client.get_run(run_id).data.metrics["n_train"] == 5
+    assert list((db.parent / "mlruns").rglob("cfg.json"))  # artifacts beside the database
