@@ -15,6 +15,7 @@ completed or aborted, so a failed upload leaves no object under its key.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -99,12 +100,25 @@ def _join(prefix: str, rel: str) -> str:
 
 # --- the client and its errors -------------------------------------------------------------
 
+# boto3's variables that shape a client: a change of any of them gives a new client.
+_CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
+               "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+               "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_REQUEST_CHECKSUM_CALCULATION",
+               "AWS_RESPONSE_CHECKSUM_VALIDATION")
+
+
 def client():
     """A boto3 S3 client: endpoint and credentials from boto3's own variables, retries with backoff.
 
     botocore retries each request (mode `standard` and 5 attempts unless `AWS_RETRY_MODE` /
-    `AWS_MAX_ATTEMPTS` say otherwise); a new client per call honours changed variables.
+    `AWS_MAX_ATTEMPTS` say otherwise). Clients are thread-safe and kept while the variables
+    stay the same.
     """
+    return _client_for(tuple(os.environ.get(k) for k in _CLIENT_ENV))
+
+
+@functools.lru_cache(maxsize=4)
+def _client_for(_env: tuple):
     import boto3
     from botocore.config import Config
 
@@ -329,8 +343,9 @@ def _upload(s3, src: Path, bucket: str, key: str, config, attempts: int) -> None
     finally:
         # boto3 aborts a failed multipart upload itself, unless the endpoint was away at that
         # moment; abort what is left of ours now, so that no parts linger in the bucket.
-        if created.get(key):
-            _abort_multipart(s3, bucket, key, created[key])
+        ours = created.pop(key, None)
+        if ours:
+            _abort_multipart(s3, bucket, key, ours)
 
 
 def _track_multipart_uploads(s3) -> dict[str, set[str]]:
