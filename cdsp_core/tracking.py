@@ -597,8 +597,8 @@ def log_segmenter(model_dir: str | os.PathLike, run_id: str | None = None, *, mo
     from mlflow.types import Schema, TensorSpec
 
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes, -1, -1), "logits")]))
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),  # unnamed: one tensor in
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes, -1, -1))]))
     version_tags = {TAG_SOURCE_RUN: run_id, TAG_CODE_VERSION: code_version(),
                     TAG_FINGERPRINT: run.data.tags.get(TAG_FINGERPRINT, ""),
                     TAG_PIPELINE_RUN: run.data.tags.get(TAG_PIPELINE_RUN, "")}
