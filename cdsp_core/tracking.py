@@ -612,6 +612,9 @@ def log_segmenter(model_dir: str | os.PathLike, run_id: str | None = None, *, mo
         for k, v in version_tags.items():
             if v:
                 client.set_model_version_tag(MODEL_NAME, version, k, v)
+        for f in extra:  # the config and history also on the run's own artifact page
+            if not f.endswith("model.pt"):
+                client.log_artifact(run_id, f)
     log.info("MLflow: registered %s version %s from run %s", MODEL_NAME, version, run_id)
     return version
 

@@ -155,6 +155,7 @@ def test_registry_promotion_both_ways_and_resolve(mlflow_env, tmp_path, monkeypa
             version = tracking.log_segmenter(folder, model=model)
             assert tracking.log_segmenter(folder, model=model) == version  # a retry registers nothing new
         assert len(client.search_model_versions(f"name='{name}' and run_id='{run_id}'")) == 1
+        assert {a.path for a in client.list_artifacts(run_id)} >= {"config.json", "history.json"}
         versions.append(version)
         weights.append(model.state_dict())
         with tracking.stage_run(parent, "evaluate"):
