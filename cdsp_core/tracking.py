@@ -680,6 +680,10 @@ def promote_if_better(version: str, miou: float, *, val_split: str, fingerprint:
         else:
             promoted, reason = False, (f"mIoU {miou:.4f} does not beat champion version {champ_version} "
                                        f"({champ_miou:.4f}) on val split {val_split}")
+        if champ is not None and champion_miou is not None and champ_version != version:
+            # The champion measured again on this split: record it, so the next run compares directly.
+            client.set_model_version_tag(MODEL_NAME, champ_version, TAG_MIOU, f"{champion_miou:.6f}")
+            client.set_model_version_tag(MODEL_NAME, champ_version, TAG_VAL_SPLIT, val_split)
         if promoted and champ_version != version:
             client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
         client.set_model_version_tag(MODEL_NAME, version, TAG_DECISION, "promoted" if promoted else "kept")

@@ -182,6 +182,11 @@ def test_registry_promotion_both_ways_and_resolve(mlflow_env, tmp_path, monkeypa
     other = tracking.promote_if_better("1", 0.99, val_split="val-2")
     assert not other["promoted"] and "not comparable" in other["reason"]
     assert client.get_model_version_by_alias(name, "champion").version == "2"
+    # With the champion re-evaluated on val-2 (0.7), version 1's 0.65 there does not beat it.
+    other = tracking.promote_if_better("1", 0.65, val_split="val-2", champion_miou=0.7)
+    assert not other["promoted"] and "0.6500 does not beat champion version 2 (0.7000) on val split val-2" \
+        in other["reason"]
+    assert tracking.champion_info()["val_split"] == "val-2" and tracking.champion_info()["miou"] == 0.7
 
     # The logged model: pickle-free, with signature and input example.
     from mlflow.models import get_model_info
