@@ -266,7 +266,8 @@ def stage_run(parent_run_id: str, stage: str, params: dict | None = None) -> Ite
     Found again (not duplicated) when a retried step enters it again. The stage's params
     are also added to the parent, so that the parent holds the whole config. Inside,
     `log_metrics` goes to this run without ever blocking; at the end the buffered metrics
-    are flushed, and the run (and its parent) marked FINISHED, or FAILED on an exception.
+    are flushed, and the run (and its parent) marked FINISHED, or FAILED on an exception
+    (KILLED when interrupted or preempted).
     """
     _check_id(parent_run_id, "MLflow parent run id")
     _check_id(stage, "stage name")
@@ -285,12 +286,13 @@ def stage_run(parent_run_id: str, stage: str, params: dict | None = None) -> Ite
     _active.append((run_id, logger))
     try:
         yield run_id
-    except BaseException:
+    except BaseException as e:
         _active.remove((run_id, logger))
         logger.close(timeout=5.0, check=False)
+        status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"  # e.g. preempted
         with contextlib.suppress(Exception):  # best effort: the stage's own error is what matters
-            client.set_terminated(run_id, "FAILED")
-            client.set_terminated(parent_run_id, "FAILED")
+            client.set_terminated(run_id, status)
+            client.set_terminated(parent_run_id, status)
         raise
     _active.remove((run_id, logger))
     logger.close()
@@ -339,6 +341,7 @@ class MetricsLogger:
         self._closing = False
         self._abandoned = False
         self._warned = False
+        self._in_flight = 0
         self.failures = 0
         self.delivered = 0
         self._thread = threading.Thread(target=self._send_loop, name=f"mlflow-metrics-{run_id[:8]}", daemon=True)
@@ -356,8 +359,9 @@ class MetricsLogger:
 
     @property
     def pending(self) -> int:
+        """Points not yet accepted by the server."""
         with self._cond:
-            return len(self._pending)
+            return len(self._pending) + self._in_flight
 
     def _send_loop(self) -> None:
         backoff = 1.0
@@ -366,7 +370,8 @@ class MetricsLogger:
                 self._cond.wait_for(lambda: self._pending or self._closing)
                 if self._abandoned or (self._closing and not self._pending):
                     return
-                batch = [self._pending[i] for i in range(min(len(self._pending), 1000))]  # MLflow's batch limit
+                batch = [self._pending.popleft() for _ in range(min(len(self._pending), 1000))]  # MLflow's limit
+                self._in_flight = len(batch)
             try:
                 self._client.log_batch(self.run_id, metrics=batch)
             except Exception as e:
@@ -375,15 +380,16 @@ class MetricsLogger:
                     self._warned = True
                     log.warning("MLflow at %s unreachable (%s); training goes on, metrics are kept and sent "
                                 "when it is back", redact(self.uri), redact(str(e).splitlines()[0] if str(e) else e))
-                with self._cond:  # back off; once closing, retry every second until close() gives up
+                with self._cond:  # put them back; back off (once closing, retry every second until close gives up)
+                    self._pending.extendleft(reversed(batch))
+                    self._in_flight = 0
                     closing = self._closing
                     self._cond.wait_for(lambda c=closing: self._abandoned or (self._closing and not c),
                                         timeout=min(backoff, 1.0) if closing else backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
             with self._cond:
-                for _ in batch:
-                    self._pending.popleft()
+                self._in_flight = 0
                 self.delivered += len(batch)
             if self.failures and backoff > 1.0:
                 log.info("MLflow at %s reachable again; buffered metrics sent", redact(self.uri))
@@ -399,7 +405,7 @@ class MetricsLogger:
             self._cond.notify_all()
         self._thread.join(timeout)
         with self._cond:
-            left = len(self._pending)
+            left = len(self._pending) + self._in_flight
             self._abandoned = True
             self._cond.notify_all()
         if left and check:
