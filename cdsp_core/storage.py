@@ -143,11 +143,12 @@ def _status(e: BaseException) -> int:
 def _transient(e: BaseException) -> bool:
     """Worth another whole-transfer attempt: the connection failed, or the server said 5xx/throttled."""
     from boto3.exceptions import RetriesExceededError, S3UploadFailedError
-    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from urllib3.exceptions import HTTPError
 
-    if isinstance(e, (BotoConnectionError, HTTPClientError, RetriesExceededError, HTTPError, ConnectionError)):
+    if isinstance(e, (BotoConnectionError, HTTPClientError, IncompleteReadError, RetriesExceededError, HTTPError,
+                      ConnectionError)):
         return True
     if isinstance(e, ClientError):
         code = e.response.get("Error", {}).get("Code", "")
@@ -311,7 +312,13 @@ def _download(s3, bucket: str, key: str, dest: Path, size: int, config, attempts
 
     def once() -> None:
         with atomic_path(dest) as tmp:
-            s3.download_file(bucket, key, str(tmp), Config=config)
+            if size >= config.multipart_threshold:  # ranged GETs in parallel
+                s3.download_file(bucket, key, str(tmp), Config=config)
+            else:  # one GET: much cheaper than a transfer manager for the many small files of a dataset
+                body = s3.get_object(Bucket=bucket, Key=key)["Body"]
+                with open(tmp, "wb") as fh:
+                    shutil.copyfileobj(body, fh, 1024 * 1024)
+                body.close()
             got = tmp.stat().st_size
             if got != size:  # a truncated body is never renamed into place; try again
                 raise ConnectionError(f"downloaded {got} of {size} bytes")

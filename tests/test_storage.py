@@ -173,8 +173,9 @@ def test_upload_survives_the_endpoint_going_away_mid_transfer(bucket, s3, tmp_pa
     src = big_file(tmp_path / "big.bin", 11 * MB)
     with TcpRelay(s3.port) as relay:
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", relay.url)
-        relay.cut_after(3 * MB, down_for=1.5)  # inside the first parts
-        storage.upload_file(src, f"s3://{bucket}/up/big.bin", multipart_threshold=5 * MB)
+        # Away inside the first parts, for less time than the retries wait (0.2 + 0.4 + 0.8 s).
+        relay.cut_after(3 * MB, down_for=0.3)
+        storage.upload_file(src, f"s3://{bucket}/up/big.bin", multipart_threshold=5 * MB, attempts=4)
         assert relay.cuts == 1
     raw = s3.client()
     dest = tmp_path / "check.bin"
@@ -190,12 +191,12 @@ def test_download_survives_the_endpoint_going_away_mid_transfer(bucket, s3, tmp_
     s3.client().upload_file(str(src), bucket, "tree/x/big.bin")
     with TcpRelay(s3.port) as relay:
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", relay.url)
-        relay.cut_after(4 * MB, down_for=1.5)
+        relay.cut_after(4 * MB, down_for=0.3)  # shorter than the retries wait, as above
         dest = storage.download_file(f"s3://{bucket}/down/big.bin", tmp_path / "out" / "big.bin",
-                                     multipart_threshold=5 * MB)
+                                     multipart_threshold=5 * MB, attempts=4)
         assert relay.cuts == 1 and sha256(dest) == sha256(src)
-        relay.cut_after(2 * MB, down_for=1.5)
-        storage.download_dir(f"s3://{bucket}/tree", tmp_path / "tree")  # single-part GET this time
+        relay.cut_after(2 * MB, down_for=0.3)
+        storage.download_dir(f"s3://{bucket}/tree", tmp_path / "tree", attempts=4)  # one GET this time
         assert relay.cuts == 2 and sha256(tmp_path / "tree" / "x" / "big.bin") == sha256(src)
     assert no_temp_files(tmp_path)
 
