@@ -17,6 +17,9 @@ SUBCOMMAND_MODULES = (
     "cdsp_core.synth",
     "cdsp_core.scribbles",
     "cdsp_core.prepare",
+    "cdsp_core.train",
+    "cdsp_core.pseudolabel",
+    "cdsp_core.evaluate",
 )
 
 

@@ -37,6 +37,10 @@ class ClassifierConfig:
     cls_lr: float = opt(0.01, "classifier learning rate (SGD)")
     cls_crop_size: int = opt(448, "classifier training crop size")
     cls_scribble_ce: float = opt(0.0, "weight of a partial CE on scribble pixels through the CAM head (0: off)")
+    cls_weight_decay: float = opt(1e-4, "classifier SGD weight decay (momentum 0.9)")
+    cls_warmup_epochs: int = opt(1, "classifier linear warm-up epochs before cosine decay")
+    cls_amp: bool = opt(True, "classifier mixed precision (bf16 on CPU, fp16 with a scaler on CUDA)")
+    cls_workers: int = opt(4, "classifier data-loading worker processes")
 
 
 @dataclass
@@ -64,6 +68,7 @@ class SegTrainConfig:
     l_lorm: float = opt(1.0, "weight of the LoRM loss (0 switches it off)")
     l_ds: float = opt(1.0, "weight of the DEL on the scribble distance map (0 switches it off)")
     l_dc: float = opt(1.0, "weight of the DEL on the boundary distance map (0 switches it off)")
+    seg_target: str = opt("scribble", "target of L_seg: scribble, or gt (full ground truth: the supervised baseline)")
     label_smoothing: float = opt(0.1, "label smoothing epsilon of the pseudo-label CE")
     crop_size: int = opt(465, "random crop size")
     scale_min: float = opt(0.5, "random scale, lower bound")
@@ -88,6 +93,7 @@ class EvalConfig:
     multi_scale: bool = opt(False, "multi-scale + flip inference")
     eval_scales: str = opt("0.5,0.75,1.0,1.25,1.5", "scales for multi-scale inference")
     n_overlays: int = opt(4, "colour overlays (image | ground truth | prediction) to write")
+    eval_tile: int = opt(1024, "images larger than this (either side) are predicted in overlapping tiles (0: whole)")
 
 
 # Presets: named overrides of the defaults above. "paper" is the reference recipe (the
@@ -102,6 +108,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cls_batch_size": 16,
         "cls_lr": 0.05,
         "cls_crop_size": 96,
+        "cls_amp": False,  # bf16 autocast is slow on CPUs without native bf16 units
+        "cls_workers": 0,
         # segmenter
         "segmenter": "deeplabv2",
         "backbone": "resnet18",

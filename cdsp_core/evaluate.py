@@ -1,0 +1,394 @@
+"""Evaluation and prediction: `ConfusionMatrix`, `evaluate`, `predict`, colour overlays.
+
+mIoU is computed the standard way (and torchvision's): one confusion matrix accumulated over
+every full-resolution validation image, 255 in the ground truth ignored. A class that appears
+in neither the ground truth nor the predictions has no IoU; it is left out of the mean and
+of `per_class_iou`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from cdsp_core import config, data, models
+from cdsp_core.config import EvalConfig
+from cdsp_core.errors import CdspError
+from cdsp_core.fsutil import atomic_path, atomic_write_text
+from cdsp_core.progress import progress
+from cdsp_core.transforms import to_normalized_tensor
+
+log = logging.getLogger("cdsp.evaluate")
+
+MODEL_FILE = "model.pt"
+MODEL_CONFIG = "config.json"
+
+
+# ---------------------------------------------------------------------------- confusion matrix
+
+
+class ConfusionMatrix:
+    """Rows: ground-truth class, columns: predicted class (torchvision's references/segmentation)."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.mat = torch.zeros((num_classes, num_classes), dtype=torch.int64)
+
+    def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+        """Count the pixels of `target` against `pred`; pixels where either is outside 0..n−1 (255) are skipped.
+
+        (A prediction is 255 only in a pseudo-label's ignored pixels, which have no class to score.)
+        """
+        n = self.num_classes
+        target = torch.as_tensor(target).flatten().to(self.mat.device, torch.int64)
+        pred = torch.as_tensor(pred).flatten().to(self.mat.device, torch.int64)
+        k = (target >= 0) & (target < n) & (pred >= 0) & (pred < n)
+        self.mat += torch.bincount(n * target[k] + pred[k], minlength=n * n).reshape(n, n)
+
+    def reset(self) -> None:
+        self.mat.zero_()
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pixel accuracy, per-class accuracy, per-class IoU); NaN where a class has no pixels."""
+        h = self.mat.double()
+        diag = torch.diag(h)
+        acc_global = diag.sum() / h.sum()
+        acc = diag / h.sum(1)
+        iu = diag / (h.sum(1) + h.sum(0) - diag)
+        return acc_global, acc, iu
+
+    def reduce_from_all_processes(self) -> None:
+        """Sum the matrices of every DDP process (no-op outside torch.distributed)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.all_reduce(self.mat)
+
+    def miou(self) -> float:
+        return float(torch.nanmean(self.compute()[2]))
+
+    def summary(self, class_names: Sequence[str]) -> dict:
+        """`miou`, `pixel_acc`, `per_class_iou` {name: iou} (present classes), `confusion_matrix`."""
+        acc_global, _, iu = self.compute()
+        return {
+            "miou": float(torch.nanmean(iu)) if not torch.isnan(iu).all() else 0.0,
+            "pixel_acc": float(acc_global) if self.mat.sum() else 0.0,
+            "per_class_iou": {name: float(v) for name, v in zip(class_names, iu.tolist()) if not np.isnan(v)},
+            "confusion_matrix": self.mat.tolist(),
+        }
+
+
+# ---------------------------------------------------------------------------- model folders
+
+
+def resolve_model(uri: str) -> str:
+    """The local folder of a model given as a path or an `s3://` URI (downloaded to a temp folder).
+
+    This is the one place where a model reference becomes a folder; other schemes
+    (e.g. an MLflow `models:/name@alias`) plug in here.
+    """
+    if uri.startswith("s3://"):
+        from cdsp_core import storage  # lazily: boto3 is only needed for URIs
+
+        local = tempfile.mkdtemp(prefix="cdsp-model-")
+        atexit.register(shutil.rmtree, local, True)
+        storage.download_dir(uri, local)
+        return local
+    if "://" in uri or uri.startswith("models:/"):
+        raise CdspError(f"{uri}: unsupported model URI (give a model folder or an s3:// URI)")
+    if not Path(uri).is_dir():
+        raise CdspError(f"{uri}: model folder not found")
+    return uri
+
+
+def read_model_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / MODEL_CONFIG
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CdspError(f"{path}: missing (not a model folder written by cdsp train-classifier/train-seg)") from e
+    except (OSError, ValueError) as e:
+        raise CdspError(f"{path}: unreadable model config: {e}") from e
+    if not isinstance(info, dict) or info.get("kind") not in ("classifier", "segmenter") or not info.get("class_names"):
+        raise CdspError(f"{path}: not a cdsp model config (needs kind and class_names)")
+    return info
+
+
+def build_model(info: dict) -> nn.Module:
+    """The untrained network that a model config describes."""
+    n = len(info["class_names"])
+    if info["kind"] == "classifier":
+        return models.build_classifier(info["cls_backbone"], n, info["cls_output_stride"])
+    return models.build_segmenter(info["segmenter"], info["backbone"], n)
+
+
+def load_model(model_uri: str, device: torch.device | str = "cpu", kind: str | None = None) -> tuple[nn.Module, dict]:
+    """(network in eval mode on `device`, its config.json) of a trained model folder or URI."""
+    model_dir = Path(resolve_model(model_uri))
+    info = read_model_config(model_dir)
+    if kind and info["kind"] != kind:
+        raise CdspError(f"{model_dir}: holds a {info['kind']}, but a {kind} is needed here")
+    model = build_model(info)
+    path = model_dir / MODEL_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except FileNotFoundError as e:
+        raise CdspError(f"{path}: missing (training did not finish? resume it with --resume)") from e
+    except RuntimeError as e:  # wrong shapes or keys: another architecture or class count
+        raise CdspError(f"{path}: weights do not fit the architecture in {MODEL_CONFIG}: {str(e).splitlines()[0]}") \
+            from e
+    except Exception as e:  # unpickling errors come in many types
+        raise CdspError(f"{path}: corrupt or unreadable weights ({type(e).__name__}: {e})") from e
+    return model.to(device, memory_format=torch.channels_last).eval(), info
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA where present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CdspError(f"device {name!r} asked for, but no CUDA device is available (use --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise CdspError(f"unknown device {name!r} (use auto, cpu or cuda)") from e
+
+
+# ---------------------------------------------------------------------------- inference
+
+
+def _forward(model: nn.Module, x: torch.Tensor, tile: int) -> torch.Tensor:
+    """Class probabilities 1×C×H×W, whole image, or overlapping tile×tile windows when larger."""
+    h, w = x.shape[-2:]
+    if not tile or max(h, w) <= tile:
+        return model(x)["out"].float().softmax(1)
+    stride = max(1, tile * 2 // 3)
+    ys = sorted({*range(0, max(h - tile, 0) + 1, stride), max(h - tile, 0)})
+    xs = sorted({*range(0, max(w - tile, 0) + 1, stride), max(w - tile, 0)})
+    probs = count = None
+    for y in ys:
+        for x0 in xs:
+            p = model(x[..., y:y + tile, x0:x0 + tile])["out"].float().softmax(1)
+            if probs is None:
+                probs = x.new_zeros((1, p.shape[1], h, w), dtype=torch.float32)
+                count = x.new_zeros((1, 1, h, w), dtype=torch.float32)
+            probs[..., y:y + tile, x0:x0 + tile] += p
+            count[..., y:y + tile, x0:x0 + tile] += 1
+    return probs / count
+
+
+@torch.inference_mode()
+def segment(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
+            tile: int = 0) -> torch.Tensor:
+    """Predicted class map H×W (int64, on the model's device) of one normalised image 3×H×W.
+
+    Multi-scale (+ flip) inference averages the softmax over the scales (and flips) at full size.
+    """
+    x = image[None].contiguous(memory_format=torch.channels_last)
+    h, w = x.shape[-2:]
+    total = None
+    for s in scales:
+        xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            p = _forward(model, xs.flip(-1) if flipped else xs, tile)
+            p = p.flip(-1) if flipped else p
+            if p.shape[-2:] != (h, w):
+                p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+            total = p if total is None else total + p
+    return total[0].argmax(0)
+
+
+def predictions(model: nn.Module, items: Sequence[data.Item], device: torch.device, *,
+                scales: Sequence[float] = (1.0,), flip: bool = False, tile: int = 0,
+                show: bool = True, desc: str = "evaluate") -> Iterator[tuple[data.Item, np.ndarray, np.ndarray,
+                                                                            np.ndarray]]:
+    """(item, image H×W×3, ground truth H×W, prediction H×W uint8) for each item with ground truth."""
+    for item in progress(items, desc, total=len(items), enabled=show):
+        image = data.read_image(item.image)
+        gt = data.read_label(item.gt)
+        if gt.shape != image.shape[:2]:
+            raise CdspError(f"{item.gt}: size {gt.shape[1]}x{gt.shape[0]} differs from its image {item.image} "
+                            f"({image.shape[1]}x{image.shape[0]})")
+        x = to_normalized_tensor(Image.fromarray(image)).to(device)
+        pred = segment(model, x, scales, flip, tile).to("cpu", torch.uint8).numpy()
+        yield item, image, gt, pred
+
+
+def confusion_on(model: nn.Module, items: Sequence[data.Item], n_classes: int, device: torch.device, *,
+                 show: bool = True, **kw) -> ConfusionMatrix:
+    """The confusion matrix of `model` on `items` (used for the per-epoch val mIoU too)."""
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(n_classes)
+    for _, _, gt, pred in predictions(model, items, device, show=show, **kw):
+        cm.update(torch.from_numpy(gt), torch.from_numpy(pred))
+    model.train(was_training)
+    return cm
+
+
+# ---------------------------------------------------------------------------- pictures
+
+
+def colorize(label: np.ndarray) -> Image.Image:
+    """A label map in the VOC palette (255 = the palette's light grey)."""
+    im = Image.fromarray(np.asarray(label, dtype=np.uint8), mode="P")
+    im.putpalette(data.voc_palette())
+    return im
+
+
+def overlay(image: np.ndarray, *labels: np.ndarray, alpha: float = 0.6) -> Image.Image:
+    """image | label 1 | label 2 ... side by side, each label blended over the image."""
+    base = Image.fromarray(image).convert("RGB")
+    panels = [base] + [Image.blend(base, colorize(lab).convert("RGB"), alpha) for lab in labels]
+    out = Image.new("RGB", (base.width * len(panels), base.height))
+    for i, p in enumerate(panels):
+        out.paste(p, (i * base.width, 0))
+    return out
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def write_report(path: Path, metrics: dict, title: str) -> None:
+    lines = [f"# {title}", "", f"- mIoU: **{metrics['miou']:.4f}**", f"- pixel accuracy: {metrics['pixel_acc']:.4f}",
+             f"- images: {metrics['n_images']}", "", "| class | IoU |", "| --- | --- |"]
+    lines += [f"| {name} | {iou:.4f} |" for name, iou in metrics["per_class_iou"].items()]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def parse_scales(text: str, flag: str) -> list[float]:
+    try:
+        scales = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise CdspError(f"{flag}: expected comma-separated numbers, got {text!r}") from e
+    if not scales or any(s <= 0 for s in scales):
+        raise CdspError(f"{flag}: expected positive scales, got {text!r}")
+    return scales
+
+
+def evaluate(data_dir: str, model_dir: str, out_dir: str, cfg: EvalConfig, *, split: str = "val",
+             device: str = "auto") -> dict:
+    """Full-resolution mIoU of a segmenter on a split with ground truth → `out_dir` (see docs/design.md)."""
+    index = data.load_index(data_dir)
+    items = [it for it in index.splits.get(split, []) if it.gt is not None]
+    if not items:
+        raise CdspError(f"{data_dir}: no {split} images with ground truth to evaluate on")
+    dev = resolve_device(device)
+    model, info = load_model(model_dir, dev, kind="segmenter")
+    if info["class_names"] != index.classes:
+        raise CdspError(f"{model_dir}: the model's classes {info['class_names']} differ from the dataset's "
+                        f"{index.classes} ({data_dir})")
+    scales = parse_scales(cfg.eval_scales, "--eval-scales") if cfg.multi_scale else [1.0]
+    cm = ConfusionMatrix(len(index.classes))
+    with data.new_output_dir(out_dir, "metrics.json") as tmp:
+        for k, (item, image, gt, pred) in enumerate(predictions(model, items, dev, scales=scales,
+                                                                flip=cfg.multi_scale, tile=cfg.eval_tile)):
+            cm.update(torch.from_numpy(gt), torch.from_numpy(pred))
+            if k < cfg.n_overlays:
+                _save_png(overlay(image, gt, pred), tmp / "overlays" / f"{item.id}.png")
+        metrics = {**cm.summary(index.classes), "n_images": len(items), "split": split,
+                   "multi_scale": cfg.multi_scale, "scales": scales, "model": str(model_dir)}
+        write_report(tmp / "report.md", metrics, f"Evaluation on {split} ({Path(data_dir).name})")
+        atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    log.info("%s: mIoU %.4f, pixel accuracy %.4f on %d images", split, metrics["miou"], metrics["pixel_acc"],
+             len(items))
+    return metrics
+
+
+def _image_files(images: str) -> list[Path]:
+    """The image files of a local folder, or of a storage URI (downloaded to a temp folder)."""
+    folder = Path(images)
+    if "://" in images:
+        from cdsp_core import storage  # lazily: boto3 is only needed for URIs
+
+        folder = Path(tempfile.mkdtemp(prefix="cdsp-images-"))
+        atexit.register(shutil.rmtree, folder, True)
+        storage.download_dir(images, str(folder))
+    if not folder.is_dir():
+        raise CdspError(f"{images}: image folder not found")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in data.IMAGE_EXTS)
+    if not files:
+        raise CdspError(f"{images}: no images ({', '.join(data.IMAGE_EXTS[:3])}) found")
+    return files
+
+
+def predict(model_dir: str, images: str, out_dir: str, *, device: str = "auto",
+            cfg: EvalConfig | None = None) -> list[str]:
+    """Label PNGs (`labels/<name>.png`, mode P, VOC palette) and overlays for a folder or URI of images."""
+    cfg = cfg or EvalConfig()
+    files = _image_files(images)
+    dev = resolve_device(device)
+    model, info = load_model(model_dir, dev, kind="segmenter")
+    scales = parse_scales(cfg.eval_scales, "--eval-scales") if cfg.multi_scale else [1.0]
+    names = []
+    with data.new_output_dir(out_dir, "predictions.json") as tmp:
+        for path in progress(files, "predict"):
+            image = data.read_image(path)
+            x = to_normalized_tensor(Image.fromarray(image)).to(dev)
+            pred = segment(model, x, scales, cfg.multi_scale, cfg.eval_tile).to("cpu", torch.uint8).numpy()
+            name = path.stem + ".png"
+            if name in names:
+                raise CdspError(f"{path}: another image is also called {path.stem}; names must be unique")
+            _save_png(colorize(pred), tmp / "labels" / name)
+            _save_png(overlay(image, pred), tmp / "overlays" / name)
+            names.append(name)
+        atomic_write_text(tmp / "predictions.json", json.dumps(
+            {"model": str(model_dir), "images": images, "class_names": info["class_names"], "labels": names},
+            indent=2) + "\n")
+    return [str(Path(out_dir) / "labels" / n) for n in names]
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("evaluate", help="full-resolution mIoU of a segmenter on the val split",
+                              description="Writes metrics.json, report.md and colour overlays to --out.")
+    p.add_argument("--data", required=True, help="dataset root (VOC layout, or a `cdsp prepare` output)")
+    p.add_argument("--model", required=True, help="model folder (from cdsp train-seg) or URI")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    p.add_argument("--device", dest="eval_device", default="auto", help="auto|cpu|cuda (default: auto)")
+    config.add_arguments(p, EvalConfig)
+    p.set_defaults(func=_run_evaluate)
+
+    p = subparsers.add_parser("predict", help="label PNGs and colour overlays for new images",
+                              description="Segments every image of a folder (or storage URI), any size.")
+    p.add_argument("--model", required=True, help="model folder (from cdsp train-seg) or URI")
+    p.add_argument("--images", required=True, help="folder or URI of images")
+    p.add_argument("--out", required=True, help="output folder (labels/ and overlays/)")
+    p.add_argument("--device", dest="eval_device", default="auto", help="auto|cpu|cuda (default: auto)")
+    config.add_arguments(p, EvalConfig)
+    p.set_defaults(func=_run_predict)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    metrics = evaluate(args.data, args.model, args.out, config.from_namespace(EvalConfig, args),
+                       split=args.split, device=args.eval_device)
+    print(f"mIoU {metrics['miou']:.4f}  pixel accuracy {metrics['pixel_acc']:.4f}  -> {args.out}")
+    return 0
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    written = predict(args.model, args.images, args.out, device=args.eval_device,
+                      cfg=config.from_namespace(EvalConfig, args))
+    print(f"{len(written)} label maps -> {args.out}")
+    return 0
