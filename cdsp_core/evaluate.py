@@ -144,14 +144,15 @@ def load_model(model_uri: str, device: torch.device | str = "cpu", kind: str | N
     path = model_dir / MODEL_FILE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
     except FileNotFoundError as e:
         raise CdspError(f"{path}: missing (training did not finish? resume it with --resume)") from e
-    except RuntimeError as e:  # wrong shapes or keys: another architecture or class count
+    except Exception as e:  # truncated files and unpickling errors come in many types
+        raise CdspError(f"{path}: corrupt or unreadable weights ({type(e).__name__}: {e})") from e
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:  # another architecture or class count
         raise CdspError(f"{path}: weights do not fit the architecture in {MODEL_CONFIG}: {str(e).splitlines()[0]}") \
             from e
-    except Exception as e:  # unpickling errors come in many types
-        raise CdspError(f"{path}: corrupt or unreadable weights ({type(e).__name__}: {e})") from e
     return model.to(device, memory_format=torch.channels_last).eval(), info
 
 

@@ -130,6 +130,22 @@ class StopOnSigterm:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can leave out the batches a pre-empted epoch already trained on.
+
+    Skipping here, not in the loader, means those samples are not even loaded, so the RNG
+    draws of the augmentation stay those of an uninterrupted run.
+    """
+
+    skip = 0  # samples of the current epoch already done
+
+    def __iter__(self):
+        return islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
 class Preempted(Exception):
     """Raised inside the loop when SIGTERM arrived; `iteration` batches of the epoch are done."""
 
@@ -187,9 +203,9 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 def train_one_epoch(net: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, scheduler, loader: DataLoader,
                     device: torch.device, epoch: int, *, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None,
-                    step: int = 0, skip: int = 0, stop: StopOnSigterm | None = None,
+                    step: int = 0, first_batch: int = 0, stop: StopOnSigterm | None = None,
                     show: bool = True) -> tuple[dict[str, float], int]:
-    """One pass over `loader` (its first `skip` batches already done) → (mean metrics, global step).
+    """One pass over `loader` (batches counted from `first_batch` in a resumed epoch) → (mean metrics, step).
 
     Raises NonFiniteLoss before the optimiser touches a NaN/inf loss, Preempted after the step
     in which SIGTERM arrived. Under DDP both are agreed by all ranks (one all-reduce per step).
@@ -199,8 +215,8 @@ def train_one_epoch(net: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Opti
     sums: dict[str, float] = {}
     n_batches = n_images = 0
     start = time.perf_counter()
-    batches = progress(islice(loader, skip, None), f"epoch {epoch + 1}", total=len(loader) - skip, enabled=show)
-    for i, batch in enumerate(batches, start=skip):
+    batches = progress(loader, f"epoch {epoch + 1}", total=len(loader), enabled=show)
+    for i, batch in enumerate(batches, start=first_batch):
         batch = _to(batch, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss, terms = loss_fn(net, batch)
@@ -251,7 +267,7 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
 
     net.to(device, memory_format=torch.channels_last)  # faster convolutions on CUDA and on CPU (oneDNN)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", drop_last=True)
     if len(loader) == 0:
@@ -296,10 +312,11 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
     with StopOnSigterm() as stop:
         for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch)
+            sampler.skip = skip * batch_size
             lr_now = optimizer.param_groups[0]["lr"]
             try:
                 metrics, step = train_one_epoch(ddp, loss_fn, optimizer, scheduler, loader, device, epoch,
-                                                scaler=scaler, amp_dtype=amp_dtype, step=step, skip=skip,
+                                                scaler=scaler, amp_dtype=amp_dtype, step=step, first_batch=skip,
                                                 stop=stop, show=is_main)
             except NonFiniteLoss as e:
                 kept = f"the last good checkpoint {ckpt_path} (epoch {epoch}) is kept" if ckpt_path.exists() \
@@ -312,7 +329,7 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
                 log.warning("SIGTERM: checkpoint written to %s (epoch %d, batch %d); exiting, rerun with --resume",
                             ckpt_path, epoch + 1, e.iteration)
                 raise SystemExit(EXIT_PREEMPTED) from None
-            skip = 0
+            skip = sampler.skip = 0
             metrics.update(epoch=epoch + 1, lr=lr_now)
             if validate is not None:
                 metrics["val_miou"] = validate(net, device)

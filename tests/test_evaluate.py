@@ -1,0 +1,199 @@
+"""ConfusionMatrix, evaluate, predict and model folders (tiny untrained models: the numbers are checked, not learnt)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cdsp_core import cli, data, evaluate, synth
+from cdsp_core.config import EvalConfig
+from cdsp_core.errors import CdspError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: the 2 shared cores are busy with other tests; results are also bit-stable."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_model_dir(path, class_names, kind="segmenter", seed=0):
+    """A model folder in the format train.py writes (config.json + model.pt), untrained weights."""
+    info = {"kind": kind, "class_names": class_names, "segmenter": "deeplabv2", "backbone": "resnet18",
+            "cls_backbone": "resnet18", "cls_output_stride": 8}
+    torch.manual_seed(seed)
+    model = evaluate.build_model(info)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(info))
+    torch.save(model.state_dict(), path / "model.pt")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    synth.make_dataset(root / "data", n_train=2, n_val=3, size=40, seed=1)
+    make_model_dir(root / "model", synth.CLASSES)
+    return root
+
+
+def test_confusion_matrix_hand_computed():
+    target = torch.tensor([[0, 0, 1, 255], [1, 1, 2, 2]])
+    pred = torch.tensor([[0, 1, 1, 2], [1, 1, 2, 0]])
+    cm = evaluate.ConfusionMatrix(3)
+    cm.update(target, pred)
+    assert cm.mat.tolist() == [[1, 1, 0], [0, 3, 0], [1, 0, 1]]
+    acc, _, iou = cm.compute()
+    assert acc.item() == pytest.approx(5 / 7)
+    assert iou.tolist() == pytest.approx([1 / 3, 3 / 4, 1 / 2])
+    s = cm.summary(["a", "b", "c"])
+    assert s["miou"] == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
+    assert s["per_class_iou"] == pytest.approx({"a": 1 / 3, "b": 3 / 4, "c": 1 / 2})
+
+
+def test_classes_absent_everywhere_are_left_out_and_false_positives_count():
+    cm = evaluate.ConfusionMatrix(4)
+    cm.update(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 2]))  # class 3: nowhere; class 2: only predicted
+    s = cm.summary(["bg", "a", "b", "c"])
+    assert set(s["per_class_iou"]) == {"bg", "a", "b"}
+    assert s["per_class_iou"]["b"] == 0.0
+    assert s["miou"] == pytest.approx((1 + 0.5 + 0) / 3)
+
+
+def test_ground_truth_against_itself_is_one(sample_dir):
+    index = data.load_index(sample_dir)
+    cm = evaluate.ConfusionMatrix(len(index.classes))
+    for item in index.val:
+        gt = torch.from_numpy(data.read_label(item.gt))
+        assert (gt == 255).any()  # the real files hold void pixels, which must be ignored
+        cm.update(gt, gt)
+    s = cm.summary(index.classes)
+    assert s["miou"] == 1.0 and s["pixel_acc"] == 1.0
+    assert set(s["per_class_iou"]) == {"background", "aeroplane", "person"}
+
+
+def test_evaluate_writes_metrics_report_and_overlays(tiny):
+    out = tiny / "eval"
+    cfg = EvalConfig(n_overlays=2)
+    m = evaluate.evaluate(str(tiny / "data"), str(tiny / "model"), str(out), cfg, device="cpu")
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["miou"] == m["miou"]
+    assert 0.0 <= m["miou"] <= 1.0 and 0.0 <= m["pixel_acc"] <= 1.0
+    assert set(m["per_class_iou"]) <= set(synth.CLASSES)
+    assert all(0.0 <= v <= 1.0 for v in m["per_class_iou"].values())
+    mat = np.array(m["confusion_matrix"])
+    index = data.load_index(tiny / "data")
+    labelled = sum(int((data.read_label(it.gt) != 255).sum()) for it in index.val)
+    assert mat.shape == (6, 6) and mat.sum() == labelled  # every labelled val pixel, at full resolution
+    assert m["pixel_acc"] == pytest.approx(np.trace(mat) / mat.sum())
+    report = (out / "report.md").read_text()
+    assert "| class | IoU |" in report and f"{m['miou']:.4f}" in report
+    overlays = sorted((out / "overlays").iterdir())
+    assert len(overlays) == 2
+    with Image.open(overlays[0]) as im:
+        assert im.size == (3 * 40, 40)  # image | ground truth | prediction
+
+    # multi-scale + flip inference runs at full size too and is recorded
+    m2 = evaluate.evaluate(str(tiny / "data"), str(tiny / "model"), str(out), EvalConfig(
+        multi_scale=True, eval_scales="0.75,1.0", n_overlays=0), device="cpu")
+    assert m2["scales"] == [0.75, 1.0] and np.array(m2["confusion_matrix"]).sum() == labelled
+    assert not (out / "overlays").exists()  # the folder was replaced whole
+
+
+def test_evaluate_refuses_a_folder_it_did_not_write(tiny, tmp_path):
+    (tmp_path / "mine.txt").write_text("user data")
+    with pytest.raises(CdspError, match="not empty"):
+        evaluate.evaluate(str(tiny / "data"), str(tiny / "model"), str(tmp_path), EvalConfig(), device="cpu")
+    assert (tmp_path / "mine.txt").read_text() == "user data"
+
+
+def test_tiled_prediction_covers_the_image_and_matches_whole_image_where_one_tile_fits(tiny):
+    model, _ = evaluate.load_model(str(tiny / "model"))
+    image = torch.randn(3, 50, 70)
+    whole = evaluate.segment(model, image, tile=0)
+    assert evaluate.segment(model, image, tile=70).equal(whole)
+    tiled = evaluate.segment(model, image, tile=32)
+    assert tiled.shape == (50, 70) and tiled.min() >= 0 and tiled.max() < 6
+
+
+def test_predict_images_of_any_size(tiny, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    sizes = {"small": (23, 37), "wide": (90, 30), "large": (70, 64)}
+    rng = np.random.default_rng(0)
+    for name, (w, h) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"{name}.jpg")
+    out = tmp_path / "pred"
+    written = evaluate.predict(str(tiny / "model"), str(images), str(out), device="cpu",
+                               cfg=EvalConfig(eval_tile=48))  # "large" and "wide" go through tiles
+    assert sorted(written) == sorted(str(out / "labels" / f"{n}.png") for n in sizes)
+    for name, (w, h) in sizes.items():
+        with Image.open(out / "labels" / f"{name}.png") as im:
+            assert im.mode == "P" and im.size == (w, h)
+            assert np.asarray(im).max() < 6
+        with Image.open(out / "overlays" / f"{name}.png") as im:
+            assert im.size == (2 * w, h)
+
+
+def test_predict_from_s3(tiny, tmp_path, monkeypatch):
+    from services import s3_server
+
+    with s3_server() as s3:
+        for k, v in s3.env().items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+        client = s3.client()
+        client.create_bucket(Bucket="imgs")
+        index = data.load_index(tiny / "data")
+        for item in index.val:
+            client.upload_file(str(item.image), "imgs", f"batch/{item.image.name}")
+        for f in (tiny / "model").iterdir():
+            client.upload_file(str(f), "imgs", f"models/m1/{f.name}")
+        written = evaluate.predict("s3://imgs/models/m1", "s3://imgs/batch", str(tmp_path / "pred"), device="cpu")
+    assert len(written) == len(index.val)
+    # the same model from the local folder gives the same labels
+    local = evaluate.predict(str(tiny / "model"), str(tiny / "data" / "JPEGImages"), str(tmp_path / "local"),
+                             device="cpu")
+    for path in written:
+        twin = tmp_path / "local" / "labels" / (path.rsplit("/", 1)[1])
+        assert str(twin) in local
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(twin)))
+
+
+def test_bad_model_folders_are_clear_errors(tiny, tmp_path):
+    with pytest.raises(CdspError, match="model folder not found"):
+        evaluate.load_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CdspError, match="config.json: missing"):
+        evaluate.load_model(str(tmp_path / "empty"))
+
+    corrupt = make_model_dir(tmp_path / "corrupt", synth.CLASSES)
+    blob = (corrupt / "model.pt").read_bytes()
+    (corrupt / "model.pt").write_bytes(blob[: len(blob) // 3])
+    with pytest.raises(CdspError, match=r"model\.pt: corrupt"):
+        evaluate.load_model(str(corrupt))
+
+    other = make_model_dir(tmp_path / "other", synth.CLASSES)  # weights for 6 classes, config says 7
+    info = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**info, "class_names": [*synth.CLASSES, "extra"]}))
+    with pytest.raises(CdspError, match="do not fit"):
+        evaluate.load_model(str(other))
+
+    classifier = make_model_dir(tmp_path / "cls", synth.CLASSES, kind="classifier")
+    with pytest.raises(CdspError, match="holds a classifier"):
+        evaluate.evaluate(str(tiny / "data"), str(classifier), str(tmp_path / "e"), EvalConfig(), device="cpu")
+
+
+def test_cli_reports_bad_input_in_one_line(tiny, tmp_path, capsys):
+    rc = cli.main(["evaluate", "--data", str(tiny / "data"), "--model", str(tmp_path / "missing"),
+                   "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and "missing: model folder not found" in err
+    assert not (tmp_path / "e").exists()
