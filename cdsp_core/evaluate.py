@@ -96,9 +96,13 @@ class ConfusionMatrix:
 def resolve_model(uri: str) -> str:
     """The local folder of a model given as a path or an `s3://` URI (downloaded to a temp folder).
 
-    This is the one place where a model reference becomes a folder; other schemes
-    (e.g. an MLflow `models:/name@alias`) plug in here.
+    This is the one place where a model reference becomes a folder; other schemes plug in
+    here, like MLflow's `models:/name@alias` (tracking.resolve_model).
     """
+    if uri.startswith("models:/"):
+        from cdsp_core import tracking  # lazily: MLflow is only needed for registry URIs
+
+        return tracking.resolve_model(uri)
     if uri.startswith("s3://"):
         from cdsp_core import storage  # lazily: boto3 is only needed for URIs
 
@@ -106,8 +110,8 @@ def resolve_model(uri: str) -> str:
         atexit.register(shutil.rmtree, local, True)
         storage.download_dir(uri, local)
         return local
-    if "://" in uri or uri.startswith("models:/"):
-        raise CdspError(f"{uri}: unsupported model URI (give a model folder or an s3:// URI)")
+    if "://" in uri:
+        raise CdspError(f"{uri}: unsupported model URI (give a model folder, an s3:// URI or models:/<name>@<alias>)")
     if not Path(uri).is_dir():
         raise CdspError(f"{uri}: model folder not found")
     return uri
