@@ -96,6 +96,17 @@ class EvalConfig:
     eval_tile: int = opt(1024, "images larger than this (either side) are predicted in overlapping tiles (0: whole)")
 
 
+@dataclass
+class BenchConfig:
+    """`cdsp bench`: the ablation and scribble-robustness benchmark (not a pipeline step)."""
+
+    seeds: int = opt(3, "segmenter seeds per bench run (seed, seed+1, ...); mIoU is reported as mean and spread")
+    runs: str = opt("all", "comma-separated bench run names (e.g. scribble-only,cdsp), or all")
+    degrade_seed: int = opt(0, "seed of the drop(0.5)/shrink(0.5) scribbles of the robustness runs")
+    bench_experiment: str = opt("cdsp-bench", "MLflow experiment that receives every bench run")
+    mlflow: bool = opt(True, "log every bench run to MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db)")
+
+
 # Presets: named overrides of the defaults above. "paper" is the reference recipe (the
 # defaults); "cpu" trains tiny models on tiny images in minutes on a 2-core CPU.
 PRESETS: dict[str, dict[str, Any]] = {

@@ -1,0 +1,476 @@
+"""`cdsp bench`: the ablation of the method page and the scribble-quality robustness, side by side.
+
+    cdsp bench --data DIR --out DIR [--preset cpu|paper] [--seeds N] [--runs scribble-only,cdsp]
+
+Every bench run trains the same segmenter (same backbone, schedule and seeds) with a subset of
+the CDSP loss terms, then evaluates it on the val split:
+
+    scribble-only          L_seg (partial CE on the scribbles)
+    pseudo-only            L_pseudo
+    scribble+pseudo        L_seg + L_pseudo
+    scribble+pseudo+lorm   L_seg + L_pseudo + L_lorm
+    cdsp                   L_seg + L_pseudo + L_lorm + L_ds + L_dc (the full method)
+    full-supervision       L_seg on the ground-truth masks (the ceiling)
+    cdsp-drop0.5, scribble-only-drop0.5, cdsp-shrink0.5, scribble-only-shrink0.5
+                           the same on degraded training scribbles (scribbles.degrade_dir)
+
+A term that is on keeps its weight from the config (`--l-pseudo 0.5` applies to every run
+that uses L_pseudo). Stage 1 (classifier, CAM pseudo-labels, distance maps) is made once per
+scribble set and shared by every run and seed on it. The degraded scribbles feed stage 1 too,
+as they would for a user who only has those: the pseudo-labels of a variant come from its
+own scribbles (random-walk seeds, scribble distance map, the classifier's scribble CE). The
+classifier itself depends on the scribbles only through the image-level labels when
+`cls_scribble_ce` is 0, and drop/shrink keep every image's classes, so it is then trained
+once and shared (the same network either way); with `cls_scribble_ce` > 0 each scribble set
+trains its own.
+
+Output folder:
+
+    bench.json                 settings and the bench id (marks the folder; a rerun resumes)
+    scribbles/<variant>/       a dataset view whose training scribbles are degraded
+    stage1/<variant>/          classifier/ and pseudo/ (with the pseudo-labels' mIoU vs ground truth)
+    runs/<name>/seed<k>/       model/, eval/ and result.json
+    results.json, results.md   {"runs": [{"name", "losses", "scribbles", "miou", "per_class_iou",
+                               "seconds", ...}]}, mIoU as fractions, mean and spread over seeds
+
+A rerun with the same settings reuses every finished step, so an interrupted bench continues
+where it stopped; a step whose settings changed is redone. Each (run, seed) is one MLflow run
+in the experiment `bench_experiment` (params, training curves, final metrics), and one more
+run holds results.json/results.md and the mean mIoU of every bench run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from cdsp_core import config, data, evaluate, pseudolabel, scribbles, train
+from cdsp_core.config import BenchConfig, ClassifierConfig, EvalConfig, PseudoLabelConfig, SegTrainConfig
+from cdsp_core.errors import CdspError
+from cdsp_core.fsutil import atomic_write_text
+
+log = logging.getLogger("cdsp.bench")
+
+MARKER = "bench.json"
+RESULT = "result.json"
+TERMS = ("seg", "pseudo", "lorm", "ds", "dc")  # loss term t has the weight field l_<t>
+CDSP = TERMS
+CLEAN = "clean"
+VARIANTS = {"drop0.5": ("drop", 0.5), "shrink0.5": ("shrink", 0.5)}  # scribble variant -> degrade(mode, ratio)
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    terms: tuple[str, ...]  # the loss terms that are on
+    scribbles: str = CLEAN  # CLEAN or a key of VARIANTS
+    target: str = "scribble"  # L_seg's target: scribble, or gt for full supervision
+
+
+RUNS = (
+    Run("scribble-only", ("seg",)),
+    Run("pseudo-only", ("pseudo",)),
+    Run("scribble+pseudo", ("seg", "pseudo")),
+    Run("scribble+pseudo+lorm", ("seg", "pseudo", "lorm")),
+    Run("cdsp", CDSP),
+    Run("full-supervision", ("seg",), target="gt"),
+    *(Run(f"{name}-{variant}", terms, variant) for variant in VARIANTS
+      for name, terms in (("cdsp", CDSP), ("scribble-only", ("seg",)))),
+)
+RUNS_BY_NAME = {r.name: r for r in RUNS}
+
+
+def select_runs(text: str) -> list[Run]:
+    """`all`, or comma-separated run names (in the order of RUNS)."""
+    if text.strip() == "all":
+        return list(RUNS)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNS_BY_NAME]
+    if unknown or not names:
+        raise CdspError(f"--runs: unknown bench run {', '.join(unknown) or repr(text)} "
+                        f"(choose from {', '.join(RUNS_BY_NAME)}, or all)")
+    return [r for r in RUNS if r.name in names]
+
+
+def run_config(run: Run, cfg: SegTrainConfig, seed: int) -> SegTrainConfig:
+    """The segmenter settings of one bench run: its terms keep their configured weights, the rest are 0."""
+    weights = {f"l_{t}": (getattr(cfg, f"l_{t}") if t in run.terms else 0.0) for t in TERMS}
+    for t in run.terms:
+        if weights[f"l_{t}"] <= 0:
+            raise CdspError(f"bench run {run.name} needs L_{t}, but --l-{t} is {weights[f'l_{t}']}; "
+                            "give it a weight > 0")
+    return replace(cfg, **weights, seg_target=run.target, seed=seed)
+
+
+def scribbles_label(run: Run) -> str:
+    if run.target == "gt":
+        return "ground truth"
+    if run.scribbles == CLEAN:
+        return CLEAN
+    mode, ratio = VARIANTS[run.scribbles]
+    return f"{mode}({ratio:g})"
+
+
+# ---------------------------------------------------------------------------- reuse of finished steps
+
+
+def _load_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _reuse(path: Path, settings: dict) -> dict | None:
+    """The recorded outcome of a finished step, if it was made with exactly these settings."""
+    done = _load_json(path)
+    return done["outcome"] if isinstance(done, dict) and done.get("settings") == settings else None
+
+
+def _record(path: Path, settings: dict, outcome: dict) -> None:
+    atomic_write_text(path, json.dumps({"settings": settings, "outcome": outcome}, indent=2) + "\n")
+
+
+def _fresh(folder: Path) -> None:
+    """Clear a step folder of this bench (its settings changed, or it was interrupted)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
+def open_bench_dir(out: Path, settings: dict) -> str:
+    """Create or reopen the bench folder; returns the bench id (kept across reruns)."""
+    marker = _load_json(out / MARKER)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and marker is None)):
+        raise CdspError(f"{out}: exists and is not a bench folder (no {MARKER}); choose a new --out")
+    bench_id = (marker or {}).get("bench_id") or f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / MARKER, json.dumps({"bench_id": bench_id, "settings": settings}, indent=2) + "\n")
+    return bench_id
+
+
+# ---------------------------------------------------------------------------- scribbles and stage 1
+
+
+def scribble_view(index: data.DatasetIndex, out: Path, variant: str, seed: int) -> Path:
+    """A dataset root that is `index.root` with degraded training scribbles (symlinks + one new folder)."""
+    mode, ratio = VARIANTS[variant]
+    view = out / "scribbles" / variant
+    folder = f"scribbles_{variant}"
+    settings = {"data": str(index.root.resolve()), "scribble_dir": index.scribble_dir, "mode": mode,
+                "ratio": ratio, "seed": seed}
+    if _reuse(view / "view.json", settings) is not None:
+        return view
+    with data.new_output_dir(view, "view.json") as tmp:
+        for entry in index.root.iterdir():
+            if entry.name not in (data.MANIFEST, folder):
+                (tmp / entry.name).symlink_to(entry.resolve())
+        count = scribbles.degrade_dir(index.root / index.scribble_dir, tmp / folder, mode, ratio, seed)
+        atomic_write_text(tmp / data.MANIFEST, json.dumps({"scribble_dir": folder, "split_dir": index.split_dir},
+                                                          indent=2) + "\n")
+        _record(tmp / "view.json", settings, {"scribbles": count})
+    return view
+
+
+def make_stage1(data_dir: Path, out: Path, variant: str, cls_cfg: ClassifierConfig, pl_cfg: PseudoLabelConfig,
+                *, seed: int, device: str, classifier_dir: Path | None) -> dict:
+    """Classifier (unless `classifier_dir` is given: a shared one) and pseudo-labels of one scribble set."""
+    folder = out / "stage1" / variant
+    outcome: dict = {"variant": variant}
+    if classifier_dir is None:
+        classifier_dir = folder / "classifier"
+        settings = {"data": str(data_dir), **config.to_dict(cls_cfg), "seed": seed}
+        done = _reuse(folder / "classifier.json", settings)
+        if done is None:
+            _fresh(classifier_dir)
+            log.info("stage 1 (%s): training the classifier", variant)
+            started = time.perf_counter()
+            summary = train.train_classifier(str(data_dir), str(classifier_dir), cls_cfg, device=device, seed=seed)
+            done = {"classifier_seconds": time.perf_counter() - started, "classifier_loss": summary.get("final_loss")}
+            _record(folder / "classifier.json", settings, done)
+        outcome.update(done)
+    outcome["classifier"] = str(classifier_dir)
+
+    pseudo_dir = folder / "pseudo"
+    settings = {"data": str(data_dir), "classifier": str(classifier_dir), **config.to_dict(pl_cfg),
+                "classifier_settings": _load_json(classifier_dir.parent / "classifier.json")}
+    done = _reuse(folder / "pseudo.json", settings)
+    if done is None:
+        log.info("stage 1 (%s): pseudo-labels and distance maps", variant)
+        summary = pseudolabel.pseudo_label(str(data_dir), str(pseudo_dir), pl_cfg, classifier_dir=str(classifier_dir),
+                                           device=device)
+        done = {"pseudo_seconds": summary["seconds"], "labelled_fraction": summary["labelled_fraction"],
+                "pseudo_miou": summary.get("pseudo_miou"), "pseudo_per_class_iou": summary.get("pseudo_per_class_iou")}
+        _record(folder / "pseudo.json", settings, done)
+    outcome.update(done, pseudo=str(pseudo_dir))
+    return outcome
+
+
+# ---------------------------------------------------------------------------- one (run, seed)
+
+
+def train_and_evaluate(run: Run, seed: int, data_dir: Path, stage1: dict | None, folder: Path,
+                       seg_cfg: SegTrainConfig, eval_cfg: EvalConfig,
+                       on_metrics: Callable[[dict, int], None] | None) -> dict:
+    """Train the segmenter of one bench run with one seed (on `stage1`'s pseudo-labels) and evaluate it on val."""
+    pseudo_dir = stage1["pseudo"] if stage1 else None
+    cfg = run_config(run, seg_cfg, seed)
+    started = time.perf_counter()
+    summary = train.train_segmenter(str(data_dir), pseudo_dir, str(folder / "model"), cfg, on_metrics=on_metrics)
+    train_seconds = time.perf_counter() - started
+    metrics = evaluate.evaluate(str(data_dir), str(folder / "model"), str(folder / "eval"), eval_cfg,
+                                device=cfg.device)
+    return {"seed": seed, "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"],
+            "per_class_iou": metrics["per_class_iou"], "seconds": time.perf_counter() - started,
+            "train_seconds": train_seconds, "train_images_per_sec": summary.get("images_per_sec"),
+            "pseudo_miou": stage1.get("pseudo_miou") if stage1 else None}
+
+
+def tracked(bench_id: str, experiment: str, run: Run, seed: int, params: dict, work: Callable) -> dict:
+    """`work(on_metrics)` as one MLflow run of the bench experiment: params, curves, final metrics."""
+    from cdsp_core import tracking  # lazily: mlflow is only imported when logging
+
+    run_id = tracking.start_pipeline_run(f"{bench_id}.{run.name}.seed{seed}", experiment=experiment, params=params,
+                                         bench=bench_id, bench_run=run.name, seed=seed, scribbles=scribbles_label(run))
+    with tracking.stage_run(run_id, "train_segmenter"):
+        outcome = work(tracking.log_metrics)
+        final = {k: outcome[k] for k in ("miou", "pixel_acc", "per_class_iou", "seconds", "pseudo_miou")
+                 if outcome.get(k) is not None}
+        tracking.log_final_metrics(final, run_id=run_id)
+    return outcome
+
+
+def log_summary(bench_id: str, experiment: str, settings: dict, results: dict, out: Path) -> None:
+    """One more MLflow run: results.json/results.md and the mean mIoU of every bench run."""
+    from cdsp_core import tracking
+
+    run_id = tracking.start_pipeline_run(bench_id, experiment=experiment, params=settings, bench=bench_id,
+                                         bench_run="summary")
+    with tracking.stage_run(run_id, "results"):
+        metrics = {f"miou_{r['name']}": r["miou"]["mean"] for r in results["runs"]}
+        metrics.update({f"pseudo_miou_{v}": s["pseudo_miou"] for v, s in results["stage1"].items()
+                        if s.get("pseudo_miou") is not None})
+        tracking.log_final_metrics(metrics, run_id=run_id)
+        tracking.log_artifacts(out / "results.json", out / "results.md", run_id=run_id)
+
+
+# ---------------------------------------------------------------------------- aggregation and report
+
+
+def aggregate(run: Run, seg_cfg: SegTrainConfig, per_seed: list[dict], stage1: dict | None) -> dict:
+    """One row of results.json: mIoU mean/std/min/max over seeds (fractions), per-class means."""
+    mious = [r["miou"] for r in per_seed]
+    mean = sum(mious) / len(mious)
+    std = math.sqrt(sum((m - mean) ** 2 for m in mious) / (len(mious) - 1)) if len(mious) > 1 else 0.0
+    classes = [c for c in per_seed[0]["per_class_iou"] if all(c in r["per_class_iou"] for r in per_seed)]
+    return {
+        "name": run.name,
+        "losses": {t: getattr(seg_cfg, f"l_{t}") for t in run.terms},
+        "scribbles": scribbles_label(run),
+        "target": run.target,
+        "miou": {"mean": mean, "std": std, "min": min(mious), "max": max(mious), "per_seed": mious},
+        "per_class_iou": {c: sum(r["per_class_iou"][c] for r in per_seed) / len(per_seed) for c in classes},
+        "seconds": sum(r["seconds"] for r in per_seed) / len(per_seed),
+        "seeds": [r["seed"] for r in per_seed],
+        "pseudo_miou": stage1.get("pseudo_miou") if stage1 else None,
+    }
+
+
+def checks(rows: dict[str, dict]) -> list[dict]:
+    """The issue's targets, where the runs they compare are present."""
+
+    def miou(name: str) -> float | None:
+        return rows[name]["miou"]["mean"] if name in rows else None
+
+    out = []
+    cdsp, scribble, full = miou("cdsp"), miou("scribble-only"), miou("full-supervision")
+    if cdsp is not None and scribble is not None:
+        out.append({"target": "cdsp >= scribble-only + 0.03 mIoU", "value": cdsp - scribble,
+                    "met": cdsp - scribble >= 0.03})
+    if cdsp is not None and full:
+        out.append({"target": "cdsp >= 95% of full-supervision", "value": cdsp / full, "met": cdsp / full >= 0.95})
+    for variant in VARIANTS:
+        c, s = miou(f"cdsp-{variant}"), miou(f"scribble-only-{variant}")
+        if None not in (c, s, cdsp, scribble):
+            out.append({"target": f"cdsp loses less than scribble-only on {variant}",
+                        "value": (cdsp - c) - (scribble - s), "met": cdsp - c < scribble - s})
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def render_markdown(results: dict) -> str:
+    rows = results["runs"]
+    by_name = {r["name"]: r for r in rows}
+    base = by_name.get("scribble-only", {}).get("miou", {}).get("mean")
+    seeds = max((len(r["seeds"]) for r in rows), default=0)
+    lines = [f"# CDSP bench: {results['data']}", "",
+             f"Preset `{results['preset']}`, segmenter {results['settings']['segmenter']} / "
+             f"{results['settings']['backbone']}, {results['settings']['epochs']} epochs, {seeds} seed(s) per run. "
+             "mIoU in % on the val split: mean ± standard deviation over seeds (min–max).", "",
+             "| run | scribbles | L_seg | L_pseudo | LoRM | L_ds | L_dc | mIoU | Δ scribble-only | min–max | s/seed |",
+             "| --- | --- | :---: | :---: | :---: | :---: | :---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        m = r["miou"]
+        ticks = " | ".join("✓" if t in r["losses"] else "" for t in TERMS)
+        delta = "" if base is None or r["name"] == "scribble-only" else f"{100 * (m['mean'] - base):+.1f}"
+        what = r["scribbles"] if r["target"] != "gt" else "ground truth"
+        lines.append(f"| {r['name']} | {what} | {ticks} | {_pct(m['mean'])} ± {_pct(m['std'])} | {delta} | "
+                     f"{_pct(m['min'])}–{_pct(m['max'])} | {r['seconds']:.0f} |")
+
+    lines += ["", "## Robustness to worse scribbles", "",
+              "| scribbles | scribble-only | cdsp | cdsp − scribble-only |", "| --- | ---: | ---: | ---: |"]
+    for variant, label in ((CLEAN, CLEAN), *((v, f"{m}({r:g})") for v, (m, r) in VARIANTS.items())):
+        suffix = "" if variant == CLEAN else f"-{variant}"
+        s, c = by_name.get(f"scribble-only{suffix}"), by_name.get(f"cdsp{suffix}")
+        if s or c:
+            sm, cm = (x["miou"]["mean"] if x else None for x in (s, c))
+            diff = f"{100 * (cm - sm):+.1f}" if s and c else "–"
+            lines.append(f"| {label} | {_pct(sm)} | {_pct(cm)} | {diff} |")
+
+    if results["stage1"]:
+        lines += ["", "## Stage 1: pseudo-label quality (training images against ground truth)", "",
+                  "| scribbles | pseudo-label mIoU | labelled pixels | classifier s | pseudo-label s |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for variant, s in results["stage1"].items():
+            cls_s = f"{s['classifier_seconds']:.0f}" if "classifier_seconds" in s else "shared"
+            lines.append(f"| {variant} | {_pct(s.get('pseudo_miou'))} | {100 * s['labelled_fraction']:.0f}% | "
+                         f"{cls_s} | {s['pseudo_seconds']:.0f} |")
+        st = results["settings"]
+        lines += ["", f"Classifier {st['cls_backbone']} (stride {st['cls_output_stride']}, {st['cls_epochs']} epochs, "
+                      f"scribble CE {st['cls_scribble_ce']:g}); CAM τ {st['cam_threshold']:g}, margin "
+                      f"{st['cam_margin']:g}, random walk {'on' if st['cam_random_walk'] else 'off'}."]
+
+    if results["checks"]:
+        lines += ["", "## Targets", "", "| target | measured | met |", "| --- | ---: | :---: |"]
+        for c in results["checks"]:
+            value = f"{100 * c['value']:.1f}%" if "95%" in c["target"] else f"{100 * c['value']:+.1f} points"
+            lines.append(f"| {c['target']} | {value} | {'yes' if c['met'] else 'no'} |")
+
+    classes = list(dict.fromkeys(c for r in rows for c in r["per_class_iou"]))
+    lines += ["", "## Per-class IoU (%, mean over seeds)", "",
+              "| run | " + " | ".join(classes) + " |", "| --- |" + " ---: |" * len(classes)]
+    lines += [f"| {r['name']} | " + " | ".join(_pct(r["per_class_iou"].get(c)) for c in classes) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, results: dict) -> None:
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.md", render_markdown(results))
+
+
+# ---------------------------------------------------------------------------- the bench
+
+
+def bench(data_dir: str, out_dir: str, cls_cfg: ClassifierConfig, pl_cfg: PseudoLabelConfig,
+          seg_cfg: SegTrainConfig, eval_cfg: EvalConfig, bench_cfg: BenchConfig, *, preset: str | None = None) -> dict:
+    """Run the bench (see the module docstring); writes results.json/results.md and returns the results."""
+    if "://" in data_dir:
+        raise CdspError(f"{data_dir}: the bench needs a local dataset folder (copy it with cdsp prepare --copy)")
+    if bench_cfg.seeds < 1:
+        raise CdspError(f"--seeds {bench_cfg.seeds}: need at least one seed")
+    runs = select_runs(bench_cfg.runs)
+    index = data.load_index(data_dir)
+    if not any(it.gt is not None for it in index.val):
+        raise CdspError(f"{data_dir}: no val images with ground truth; the bench has nothing to evaluate on")
+    no_gt = [it for it in index.train if it.gt is None]
+    if no_gt and any(r.target == "gt" for r in runs):
+        if bench_cfg.runs.strip() != "all":
+            raise CdspError(f"{no_gt[0].image}: training image without ground truth, which full-supervision needs "
+                            f"({len(no_gt)} such); leave that run out of --runs")
+        log.warning("%d training images have no ground truth: full-supervision is left out", len(no_gt))
+        runs = [r for r in runs if r.target != "gt"]
+    for run in runs:
+        run_config(run, seg_cfg, seg_cfg.seed)  # every needed weight > 0, before hours of work
+
+    out = Path(out_dir).resolve()  # recorded paths stay valid from any working folder
+    root = index.root.resolve()
+    settings = {**config.to_dict(cls_cfg, pl_cfg, seg_cfg, eval_cfg, bench_cfg), "data": str(root),
+                "preset": preset or "paper"}
+    bench_id = open_bench_dir(out, settings)
+    log.info("bench %s: %d runs x %d seeds on %s -> %s", bench_id, len(runs), bench_cfg.seeds, root, out)
+
+    # Stage 1, once per scribble set that a run with pseudo-labels (or distance maps) uses.
+    roots = {CLEAN: root}
+    for variant in dict.fromkeys(r.scribbles for r in runs if r.scribbles != CLEAN):
+        roots[variant] = scribble_view(index, out, variant, bench_cfg.degrade_seed)
+    stage1: dict[str, dict] = {}
+    shared_classifier = None
+    for variant in dict.fromkeys(r.scribbles for r in runs if train.needed_maps(run_config(r, seg_cfg, 0))):
+        # Without the scribble CE, the classifier sees only image-level labels, which drop/shrink keep.
+        stage1[variant] = make_stage1(roots[variant], out, variant, cls_cfg, pl_cfg, seed=seg_cfg.seed,
+                                      device=seg_cfg.device, classifier_dir=shared_classifier)
+        if cls_cfg.cls_scribble_ce == 0:
+            shared_classifier = Path(stage1[variant]["classifier"])
+
+    rows = []
+    results = {"bench_id": bench_id, "data": str(root), "preset": preset or "paper", "settings": settings,
+               "stage1": stage1, "runs": rows, "checks": []}
+    for i, run in enumerate(runs, 1):
+        stage = stage1.get(run.scribbles) if train.needed_maps(run_config(run, seg_cfg, 0)) else None
+        per_seed = []
+        for seed in range(seg_cfg.seed, seg_cfg.seed + bench_cfg.seeds):
+            folder = out / "runs" / run.name / f"seed{seed}"
+            cfg = run_config(run, seg_cfg, seed)
+            params = {**config.to_dict(cfg, eval_cfg), "bench_run": run.name, "scribbles": scribbles_label(run)}
+            run_settings = {**params, "data": str(roots[run.scribbles]),
+                            "pseudo": stage and {k: stage[k] for k in ("pseudo", "pseudo_miou", "classifier")}}
+            outcome = _reuse(folder / RESULT, run_settings)
+            if outcome is None:
+                _fresh(folder)
+                work = functools.partial(train_and_evaluate, run, seed, roots[run.scribbles], stage, folder, seg_cfg,
+                                         eval_cfg)
+                log.info("run %d/%d %s, seed %d", i, len(runs), run.name, seed)
+                if bench_cfg.mlflow:
+                    outcome = tracked(bench_id, bench_cfg.bench_experiment, run, seed, params, work)
+                else:
+                    outcome = work(None)
+                _record(folder / RESULT, run_settings, outcome)
+            log.info("run %d/%d %s, seed %d: mIoU %.4f (%.0f s)", i, len(runs), run.name, seed, outcome["miou"],
+                     outcome["seconds"])
+            per_seed.append(outcome)
+        rows.append(aggregate(run, seg_cfg, per_seed, stage))
+        results["checks"] = checks({r["name"]: r for r in rows})
+        write_results(out, results)  # after every run, so a long bench shows its progress
+
+    if bench_cfg.mlflow:
+        log_summary(bench_id, bench_cfg.bench_experiment, settings, results, out)
+    return results
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench", help="the ablation and scribble-robustness benchmark: every run side by side",
+        description="Trains and evaluates the ablation runs (scribble-only ... cdsp, full-supervision) and cdsp / "
+                    "scribble-only on drop(0.5) and shrink(0.5) scribbles, with a shared stage 1; writes "
+                    "results.json and results.md to --out and logs every run to MLflow. A rerun resumes.")
+    p.add_argument("--data", required=True, help="dataset root (VOC layout) with ground truth for val "
+                                                 "(and for train: pseudo-label quality, full-supervision)")
+    p.add_argument("--out", required=True, help="bench folder (created; an earlier bench folder is resumed)")
+    config.add_arguments(p, ClassifierConfig, PseudoLabelConfig, SegTrainConfig, EvalConfig, BenchConfig)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfgs = [config.from_namespace(cls, args) for cls in
+            (ClassifierConfig, PseudoLabelConfig, SegTrainConfig, EvalConfig, BenchConfig)]
+    results = bench(args.data, args.out, *cfgs, preset=args.preset)
+    for r in results["runs"]:
+        m = r["miou"]
+        print(f"{r['name']:<26} mIoU {m['mean']:.4f} ± {m['std']:.4f}  ({r['scribbles']})")
+    print(f"results -> {os.path.join(args.out, 'results.md')}")
+    return 0
