@@ -59,6 +59,20 @@ def model_folder(path, seed: int):
     return model, path
 
 
+def real_model_folder(path):
+    """A DeepLab-v2 (ResNet-18) folder as `cdsp train-seg` writes it, loaded back by evaluate.load_model."""
+    from cdsp_core import models
+
+    torch.manual_seed(1)
+    net = models.build_segmenter("deeplabv2", "resnet18", 2)
+    path.mkdir(parents=True)
+    torch.save(net.state_dict(), path / "model.pt")
+    (path / "config.json").write_text(json.dumps({"kind": "segmenter", "segmenter": "deeplabv2",
+                                                  "backbone": "resnet18", "class_names": ["background", "cat"]}))
+    (path / "history.json").write_text(json.dumps([{"epoch": 1, "loss": 0.7}]))
+    return net, path
+
+
 def test_params_never_hold_secrets():
     params = {**config.to_dict(config.SegTrainConfig()), "aws_secret_access_key": "abc", "mlflow_token": "t",
               "pretrained": "s3://user:pa55@minio:9000/w/resnet.pth", "note": "AKIAABCDEFGHIJKLMNOP"}
@@ -150,10 +164,13 @@ def test_registry_promotion_both_ways_and_resolve(mlflow_env, tmp_path, monkeypa
     for i, (fingerprint, miou) in enumerate([("fp-a", 0.50), ("fp-b", 0.40)]):
         parent = tracking.start_pipeline_run(f"kfp-reg-{i}-{uuid.uuid4().hex[:4]}", experiment=exp,
                                              fingerprint=fingerprint)
-        model, folder = model_folder(tmp_path / f"model{i}", seed=i)
+        if i == 0:  # a tiny stand-in, logged as given
+            model, folder = model_folder(tmp_path / f"model{i}", seed=i)
+        else:  # the real thing, rebuilt from its folder (model=None) and exported
+            model, folder = real_model_folder(tmp_path / f"model{i}")
         with tracking.stage_run(parent, "train_segmenter") as run_id:
-            version = tracking.log_segmenter(folder, model=model)
-            assert tracking.log_segmenter(folder, model=model) == version  # a retry registers nothing new
+            version = tracking.log_segmenter(folder, model=model if i == 0 else None)
+            assert tracking.log_segmenter(folder) == version  # a retry registers nothing new
         assert len(client.search_model_versions(f"name='{name}' and run_id='{run_id}'")) == 1
         assert {a.path for a in client.list_artifacts(run_id)} >= {"config.json", "history.json"}
         versions.append(version)
@@ -207,6 +224,20 @@ def test_registry_promotion_both_ways_and_resolve(mlflow_env, tmp_path, monkeypa
                                            weights[0]["conv.weight"])
     with pytest.raises(CdspError, match="no such registered model version"):
         tracking.resolve_model(f"models:/{name}@nobody")
+
+    # `cdsp predict` takes the registry URI (through evaluate.resolve_model).
+    from cdsp_core import cli
+
+    (tmp_path / "images").mkdir()
+    for k in range(2):
+        Image.new("RGB", (40, 32), (40 * k, 90, 200)).save(tmp_path / "images" / f"im{k}.png")
+    out = tmp_path / "pred"
+    assert cli.main(["predict", "--model", f"models:/{name}@champion", "--images", str(tmp_path / "images"),
+                     "--out", str(out), "--device", "cpu"]) == 0
+    labels = sorted(p.name for p in (out / "labels").iterdir())
+    assert labels == ["im0.png", "im1.png"] and Image.open(out / "labels" / "im0.png").size == (40, 32)
+    assert cli.main(["predict", "--model", f"models:/{name}@nobody", "--images", str(tmp_path / "images"),
+                     "--out", str(tmp_path / "pred2"), "--device", "cpu"]) == 2
 
 
 def test_server_stopped_mid_run(mlflow_env, server, tmp_path, caplog):
