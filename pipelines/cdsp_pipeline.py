@@ -87,31 +87,34 @@ def build_pipeline(cluster: config.ClusterConfig | None = None):
             return {name: p[name] for name, *_ in per_stage[stage]}
 
         step = dict(cpu=cluster.step_cpu, memory=cluster.step_memory)
-        prep = components["data_prep"](**settings("data_prep")).set_display_name("data prep")
+        run = dict(pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        prep = components["data_prep"](**run, **settings("data_prep")).set_display_name("data prep")
         # Never cached: the data under data_uri may change while the URI stays the same.
         configure(prep, cluster, **step, cache=False)
-        prepared, run_id = prep.outputs["prepared"], prep.outputs["mlflow_run_id"]
+        prepared = prep.outputs["prepared"]
+        run["mlflow_run_id"] = prep.outputs["mlflow_run_id"]
 
         # The condition reads data_prep's single return value ("Output"): kfp's local runner
         # resolves that form of task output in a condition (a named NamedTuple field it cannot).
         with dsl.If(prep.outputs["Output"] == True, name="new-scribbles"):  # noqa: E712 (a KFP condition)
             classifier = components["train_classifier"](
-                prepared=prepared, mlflow_run_id=run_id, **settings("train_classifier"))
+                prepared=prepared, **run, **settings("train_classifier"))
             configure(classifier.set_display_name("classifier"), cluster, **step, cache=True,
                       gpus=p["cls_gpus"], shm=True)
             pseudo = components["pseudo_label"](
-                prepared=prepared, classifier=classifier.outputs["classifier"], mlflow_run_id=run_id,
+                prepared=prepared, classifier=classifier.outputs["classifier"], **run,
                 **settings("pseudo_label"))
             configure(pseudo.set_display_name("pseudo-labels"), cluster, **step, cache=True,
                       gpus=p["cls_gpus"], shm=True)
             segmenter = components["train_segmenter"](
-                prepared=prepared, pseudo_labels=pseudo.outputs["pseudo_labels"], mlflow_run_id=run_id,
+                prepared=prepared, pseudo_labels=pseudo.outputs["pseudo_labels"], **run,
                 **settings("train_segmenter"))
             configure(segmenter.set_display_name("segmentation training"), cluster, cpu=cluster.seg_cpu,
                       memory=cluster.seg_memory, cache=True, gpus=p["gpus"], shm=True)
             evaluation = components["evaluate"](
-                prepared=prepared, model=segmenter.outputs["model"], mlflow_run_id=run_id,
-                fingerprint=prep.outputs["fingerprint"], **settings("evaluate"))
+                prepared=prepared, model=segmenter.outputs["model"], **run,
+                fingerprint=prep.outputs["fingerprint"], model_version=segmenter.outputs["Output"],
+                **settings("evaluate"))
             # Not cached: promotion compares with whichever model is champion now.
             configure(evaluation.set_display_name("evaluation"), cluster, **step, cache=False,
                       gpus=p["cls_gpus"], shm=True)

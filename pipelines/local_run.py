@@ -3,28 +3,33 @@
 The very DAG that `make pipeline` compiles runs here, step by step, as subprocesses in the
 project's own Python environment (`kfp.local.SubprocessRunner(use_venv=False)`), with the
 `cpu` preset by default. Without --data-uri it generates the synthetic dataset first (once).
-MLflow goes to a local SQLite database unless MLFLOW_TRACKING_URI is set; PUSHGATEWAY_URL,
-AWS_* and other environment variables reach every step.
+MLflow goes to the project's SQLite database (`make mlflow-ui`) unless MLFLOW_TRACKING_URI is
+set; PUSHGATEWAY_URL, AWS_* and other environment variables reach every step.
 
     python -m pipelines.local_run --out build/demo                 # synthetic data
     python -m pipelines.local_run --data-uri s3://bucket/voc --epochs 5
 
-What kfp's local runner does not do: Kubernetes settings (secrets, GPUs, /dev/shm, resources)
-and retries are cluster features and are ignored here; caching is off.
+What differs from a cluster run: kfp's local runner ignores the Kubernetes settings (secrets,
+GPUs, /dev/shm, resources), caching is off, and steps are not retried unless CDSP_RETRIES is
+set (a failure here is usually not a passing one, and kfp would wait 30 s, then 60 s, to retry).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import io
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from cdsp_core import config
+from cdsp_core import config, tracking
 from cdsp_core.errors import CdspError
 
 log = logging.getLogger("cdsp.local_run")
@@ -60,6 +65,23 @@ def read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8") if path.exists() else ""
 
 
+class StepErrors(io.TextIOBase):
+    """Stdout that passes everything through and keeps the last CdspError a step printed."""
+
+    PATTERN = re.compile(r"cdsp_core\.errors\.CdspError: (.+)")
+
+    def __init__(self, out):
+        self.out, self.last = out, ""
+
+    def write(self, text: str) -> int:
+        for match in self.PATTERN.finditer(text):
+            self.last = match.group(1).strip()
+        return self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
 def run(arguments: dict, out_dir: str | os.PathLike) -> dict:
     """Run the pipeline locally with these pipeline arguments; return what happened.
 
@@ -75,14 +97,19 @@ def run(arguments: dict, out_dir: str | os.PathLike) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     before = set(root.iterdir())
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    pipeline = build_pipeline(cluster_settings())
-    with warnings.catch_warnings():
+    cluster = cluster_settings()
+    if not os.environ.get("CDSP_RETRIES"):
+        cluster = dataclasses.replace(cluster, retries=0)
+    pipeline = build_pipeline(cluster)
+    steps = StepErrors(sys.stdout)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(steps):
         # Our image names carry no "python"; kfp warns for that, but here the steps run in our venv by design.
         warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
         try:
             pipeline(**arguments)
-        except RuntimeError as e:  # kfp raises a RuntimeError naming the failed task; its log is above
-            raise CdspError(f"{root}: the local pipeline run failed: {e}") from None
+        except RuntimeError as e:  # kfp names the failed task; the step's own error is in its log above
+            failed = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split("Inner task failed:")[-1].strip(" .'")
+            raise CdspError(f"step {failed} failed: {steps.last or 'see its log above'}") from None
     new = sorted((p for p in set(root.iterdir()) - before if p.name.startswith(PIPELINE_NAME)), key=os.path.getmtime)
     if not new:
         raise CdspError(f"{root}: the local runner left no run folder")
@@ -94,7 +121,7 @@ def run(arguments: dict, out_dir: str | os.PathLike) -> dict:
     evaluation = run_dir / "evaluate" / "evaluation"
     if result["trained"]:
         result.update(metrics=json.loads(read_text(evaluation / "metrics.json")),
-                      report=read_text(run_dir / "evaluate" / "report"),
+                      report=read_text(evaluation / "report.md"),
                       promoted=bool(task_outputs(run_dir, "evaluate").get("Output")),
                       model_dir=str(run_dir / "train-segmenter" / "model"), evaluation_dir=str(evaluation))
     return result
@@ -114,9 +141,9 @@ def summary_text(result: dict, tracking_uri: str) -> str:
         lines += [f"  model:                              {result['model_dir']}",
                   f"  evaluation (metrics, overlays):     {result['evaluation_dir']}"]
     if tracking_uri.startswith("sqlite:"):
-        lines += [f"  MLflow UI:  mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"]
+        lines += [f"  MLflow UI:  mlflow ui --backend-store-uri {tracking_uri}   (then http://127.0.0.1:5000)"]
     else:
-        lines += [f"  MLflow:     {tracking_uri}"]
+        lines += [f"  MLflow:     {tracking.redact(tracking_uri)}"]
     return "\n".join(lines)
 
 
@@ -135,15 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.data_uri:
             args.data_uri = str(ensure_synthetic_data(out / "data", args.synth_train, args.synth_val, args.synth_size))
-        # Every step is a subprocess that inherits this environment.
-        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+        elif "://" not in args.data_uri:
+            if not Path(args.data_uri).is_dir():
+                raise CdspError(f"{args.data_uri}: no such dataset folder")
+            args.data_uri = str(Path(args.data_uri).resolve())  # the steps may run elsewhere
         arguments = pipeline_arguments(args.preset or DEFAULT_PRESET, vars(args))
         started = time.time()
         result = run(arguments, out)
     except CdspError as e:
         print(f"local_run: error: {e}", file=sys.stderr)
         return 2
-    print(summary_text(result, os.environ["MLFLOW_TRACKING_URI"]))
+    print(summary_text(result, tracking.tracking_uri()))
     print(f"\nThe local pipeline run took {time.time() - started:.0f} s.")
     return 0
 

@@ -1,0 +1,177 @@
+"""Scheduled retraining, run with kfp's local runner on data in a real S3-compatible store.
+
+One story, three pipeline runs of the very DAG that `make pipeline` compiles:
+A. data on s3:// (moto's server), no champion yet: the whole DAG runs and the model becomes champion;
+B. the same data again (what a recurring run does): the KFP condition skips training and says so;
+C. new scribbles in the bucket and a changed val split: it trains again (with external
+   pseudo-labels, also on s3://), re-evaluates the champion on the new val split and promotes the
+   new model only if its mIoU beats the champion's there (these steps run in-process, see below).
+MLflow is a real SQLite database, telemetry goes to a real Pushgateway.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import services
+from kfp import dsl
+from PIL import Image
+
+from cdsp_core import config, storage, synth, tracking
+from components import stages
+from pipelines import local_run
+
+# Tiny settings: 8 train / 4 val images of 32 px, one epoch of each stage, ResNet-18.
+TINY = {"cls_backbone": "resnet18", "cls_epochs": 1, "cls_batch_size": 8, "cls_crop_size": 32, "cls_workers": 0,
+        "cls_amp": False, "cam_scales": "1.0", "backbone": "resnet18", "epochs": 1, "batch_size": 8, "crop_size": 32,
+        "warmup_epochs": 0, "workers": 0, "amp": False, "n_overlays": 1, "device": "cpu"}
+STAGES = {"data_prep", "train_classifier", "pseudo_label", "train_segmenter", "evaluate"}
+
+
+def cli_flags(settings: dict) -> list[str]:
+    """The `python -m pipelines.local_run` flags that give these settings."""
+    out = []
+    for name, value in settings.items():
+        if isinstance(value, bool):
+            out.append(config.flag(name) if value else "--no-" + config.flag(name)[2:])
+        else:
+            out += [config.flag(name), str(value)]
+    return out
+
+
+def mlflow_children(parent_run_id: str) -> dict[str, str]:
+    """Stage name -> run id of the nested runs of an MLflow parent run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking.tracking_uri())
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return {r.data.tags[tracking.TAG_STAGE]: r.info.run_id for r in runs}
+
+
+def call(component, arguments: dict, **given):
+    """One component's function, called in this process: `given` artifacts and upstream outputs,
+    every other input from the pipeline arguments (as the DAG wires them)."""
+    names = inspect.signature(component.python_func).parameters
+    return component.python_func(**given, **{n: arguments[n] for n in names if n not in given and n in arguments})
+
+
+def add_scribbles(s3, bucket: str, key: str, gt_path: Path) -> int:
+    """An annotator adds strokes: some unlabelled pixels of one scribble get their true class."""
+    scribble = np.array(Image.open(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read())))
+    gt = np.array(Image.open(gt_path))
+    new = (scribble == 255) & (gt != 255)
+    new[::2, :] = False  # every other row: new strokes, not the full mask
+    scribble[new] = gt[new]
+    buf = io.BytesIO()
+    Image.fromarray(scribble).save(buf, format="PNG")
+    s3.put_object(Bucket=bucket, Key=key, Body=buf.getvalue())
+    return int(new.sum())
+
+
+@pytest.mark.timeout(900)
+def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monkeypatch, capsys):
+    with services.s3_server(tmp_path / "s3") as s3_srv, services.pushgateway(tmp_path / "pgw") as gateway:
+        for k, v in s3_srv.env().items():
+            monkeypatch.setenv(k, v)  # the pipeline's steps inherit the environment
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        monkeypatch.setenv("PUSHGATEWAY_URL", gateway.url)
+        s3 = s3_srv.client()
+        s3.create_bucket(Bucket="scribbles")
+        data = synth.make_dataset(tmp_path / "data", n_train=8, n_val=4, size=32)
+        storage.upload_dir(data, "s3://scribbles/voc")
+        args = local_run.pipeline_arguments("cpu", {**TINY, "data_uri": "s3://scribbles/voc"})
+
+        # A. the first run trains everything and promotes (there is no champion yet)
+        a = local_run.run(args, tmp_path / "out")
+        run_a = Path(a["run_dir"])
+        assert a["trained"] and a["promoted"]
+        assert 0.0 <= a["metrics"]["miou"] <= 1.0 and "background" in a["metrics"]["per_class_iou"]
+        assert set(a["metrics"]["per_class_iou"]) <= set(synth.CLASSES)
+        assert "| background |" in a["report"]
+        prepared = run_a / "data-prep" / "prepared"
+        assert json.loads((prepared / "manifest.json").read_text())["n_train"] == 8
+        assert (prepared / "JPEGImages").is_dir()  # the s3:// data was copied into the Dataset artifact
+        for step in ("train-classifier/classifier", "train-segmenter/model"):
+            assert (run_a / step / "model.pt").is_file(), step
+        html = (run_a / "evaluate" / "report").read_text()
+        assert "data:image/png;base64," in html and "promoted to champion" in html
+        champion = tracking.champion_info()
+        assert champion["fingerprint"] == a["fingerprint"] and champion["miou"] == pytest.approx(
+            a["metrics"]["miou"], abs=1e-6)
+        parent = (run_a / "data-prep" / "mlflow_run_id").read_text()
+        children = mlflow_children(parent)
+        assert set(children) == STAGES
+        from mlflow import MlflowClient
+
+        assert MlflowClient(tracking.tracking_uri()).get_metric_history(children["train_segmenter"], "loss")
+        with urllib.request.urlopen(gateway.url + "/metrics", timeout=10) as r:
+            pushed = r.read().decode()
+        assert 'cdsp_stage_last_success_timestamp_seconds{' in pushed and 'job="cdsp_train_segmenter"' in pushed
+        assert "cdsp_training_loss{" in pushed
+
+        # B. same data (a recurring run): the condition skips training, and the CLI says so
+        capsys.readouterr()
+        assert local_run.main(["--out", str(tmp_path / "out"), "--data-uri", "s3://scribbles/voc",
+                               *cli_flags(TINY)]) == 0
+        printed = capsys.readouterr().out
+        assert "Training skipped" in printed and a["fingerprint"][:16] in printed
+        run_b = max((tmp_path / "out" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+        assert run_b != run_a and sorted(p.name for p in run_b.iterdir()) == ["data-prep"]
+        assert "skip training" in (run_b / "data-prep" / "data_report").read_text()
+        assert tracking.champion_info()["version"] == champion["version"]
+
+        # C. new scribbles, and a val split that changed too: it trains again, with pseudo-labels from
+        # elsewhere (s3://), and re-evaluates the champion on the new val split before deciding. The
+        # steps run in this process here, each as kfp's executor would call it: through the local
+        # runner every step would pay its own torch and MLflow imports again (~10 s on this machine).
+        added = add_scribbles(s3, "scribbles", "voc/pascal_2012_scribble/train_00000.png",
+                              data / "SegmentationClass" / "train_00000.png")
+        assert added > 0
+        val_ids = (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+        s3.put_object(Bucket="scribbles", Key="voc/ImageSets/Segmentation/val.txt",
+                      Body=("\n".join(val_ids[:-1]) + "\n").encode())
+        storage.upload_dir(run_a / "pseudo-label" / "pseudo_labels", "s3://scribbles/external-pseudo")
+        args_c = {**args, "external_pseudo_uri": "s3://scribbles/external-pseudo"}
+        steps = stages.build("cdsp-cpu:test", "cdsp-cuda:test")
+        out = tmp_path / "c"
+        prepared = dsl.Dataset(uri=str(out / "prepared"), metadata={})
+        assert call(steps["data_prep"], args_c, prepared=prepared, data_report=dsl.Markdown(uri=str(out / "report.md")),
+                    fingerprint=str(out / "fingerprint"), mlflow_run_id=str(out / "run_id"),
+                    pipeline_run_id="schedule-c") is True
+        fingerprint = (out / "fingerprint").read_text()
+        assert fingerprint not in (a["fingerprint"], "")
+        run = {"mlflow_run_id": (out / "run_id").read_text(), "pipeline_run_id": "schedule-c"}
+        classifier = dsl.Model(uri=str(out / "classifier"), metadata={})
+        call(steps["train_classifier"], args_c, prepared=prepared, classifier=classifier,
+             classifier_metrics=dsl.Metrics(uri=str(out / "m1")), **run)
+        assert (out / "classifier" / "NOT_TRAINED").is_file() and not (out / "classifier" / "model.pt").exists()
+        pseudo = dsl.Dataset(uri=str(out / "pseudo"), metadata={})
+        call(steps["pseudo_label"], args_c, prepared=prepared, classifier=classifier, pseudo_labels=pseudo,
+             pseudo_metrics=dsl.Metrics(uri=str(out / "m2")), **run)
+        model = dsl.Model(uri=str(out / "model"), metadata={})
+        version = call(steps["train_segmenter"], args_c, prepared=prepared, pseudo_labels=pseudo, model=model,
+                       train_metrics=dsl.Metrics(uri=str(out / "m3")), **run)
+        assert version != champion["version"]
+        metrics = dsl.Metrics(uri=str(out / "m4"))
+        promoted = call(steps["evaluate"], args_c, prepared=prepared, model=model, metrics=metrics,
+                        report=dsl.HTML(uri=str(out / "report.html")), evaluation=dsl.Artifact(uri=str(out / "eval")),
+                        fingerprint=fingerprint, model_version=version, **run)
+
+        from mlflow import MlflowClient
+
+        reason = MlflowClient(tracking.tracking_uri()).get_model_version(tracking.MODEL_NAME, version).tags[
+            tracking.TAG_REASON]
+        # the champion was measured again on the new split, so the two mIoUs were compared
+        assert f"champion version {champion['version']} (" in reason and "not comparable" not in reason
+        assert promoted == ("does not beat" not in reason) == (metrics.metadata["promoted"] == 1.0)
+        now = tracking.champion_info()
+        assert now["version"] == (version if promoted else champion["version"])
+        assert now["fingerprint"] == (fingerprint if promoted else a["fingerprint"])
+        assert set(mlflow_children(run["mlflow_run_id"])) == STAGES - {"train_classifier"}
