@@ -34,6 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(e: CdspError) -> str:
+    """The reason of a CdspError in one line.
+
+    Raised in a data-loader worker, it reaches the main process with the worker's traceback in
+    front of it (torch re-raises it with that text); the reason is then the last line.
+    """
+    text = str(e).strip()
+    if "\n" in text:
+        text = text.rsplit("\n", 1)[1].removeprefix(f"{CdspError.__module__}.{CdspError.__name__}: ")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -42,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CdspError as e:
-        print(f"cdsp {args.command}: error: {e}", file=sys.stderr)
+        print(f"cdsp {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cdsp {args.command}: interrupted", file=sys.stderr)

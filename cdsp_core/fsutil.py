@@ -7,26 +7,43 @@ new one, never half of it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from cdsp_core.errors import CdspError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _raise_if_disk_full(path: Path, e: BaseException) -> None:
+    """A full disk (or quota) becomes a CdspError naming the file; the caller re-raises anything else."""
+    if isinstance(e, OSError) and e.errno in DISK_FULL:
+        raise CdspError(f"{path}: cannot write: {os.strerror(e.errno)} in {path.parent}; "
+                        "an earlier version of it, if any, is kept") from e
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto `path` on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        _raise_if_disk_full(path, e)
+        raise
     os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _raise_if_disk_full(path, e)
         raise
 
 
@@ -49,8 +66,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     On failure the temporary folder is removed and an existing `path` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        _raise_if_disk_full(path, e)
+        raise
     try:
         yield tmp
         if path.exists():
@@ -61,6 +82,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, CdspError) and str(tmp) in str(e):  # name the user's folder, not ours (now gone)
+            raise CdspError(str(e).replace(str(tmp), str(path))) from e
+        _raise_if_disk_full(path, e)
         raise

@@ -164,8 +164,10 @@ class NonFiniteLoss(Exception):
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Through a Python file: a full disk then raises OSError(ENOSPC), which atomic_path reports
+    # as such (torch's own file writer only says "unexpected pos").
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
 
 
 def load_checkpoint(path: Path, arch: dict) -> dict:
@@ -262,7 +264,6 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
     if is_main:
         _check_out_dir(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / evaluate.MODEL_FILE).unlink(missing_ok=True)  # model.pt means "finished"; this run is not yet
     seed_everything(seed + rank)  # the model is built already; DDP broadcasts rank 0's weights
 
     net.to(device, memory_format=torch.channels_last)  # faster convolutions on CUDA and on CPU (oneDNN)
@@ -297,6 +298,8 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
         log.info("resumed from epoch %d%s (%s)", start_epoch, f", batch {skip}" if skip else "", ckpt_path)
     elif resume:
         log.info("no checkpoint in %s: training from scratch", out)
+    if is_main:  # only now that the checkpoint is accepted: a refused resume keeps a finished model
+        (out / evaluate.MODEL_FILE).unlink(missing_ok=True)  # model.pt means "finished"; this run is not yet
 
     ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else net
@@ -348,8 +351,7 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
     if is_main:
         atomic_write_text(out / HISTORY, json.dumps(history, indent=2) + "\n")
         atomic_write_text(out / evaluate.MODEL_CONFIG, json.dumps(model_config, indent=2, sort_keys=True) + "\n")
-        with atomic_path(out / evaluate.MODEL_FILE) as tmp:  # last: its presence means "finished"
-            torch.save(final_model(net).state_dict(), tmp)
+        save_checkpoint(out / evaluate.MODEL_FILE, final_model(net).state_dict())  # last: it means "finished"
     if world > 1:
         dist.barrier()
     return summary
