@@ -76,7 +76,8 @@ def cam_pseudo_label(classifier, image: np.ndarray, scribble: np.ndarray, n_clas
     x = to_normalized_tensor(Image.fromarray(image)).to(device)
     cams = cam.compute_cams(classifier, x, labels, scales).cpu()
     if cfg.cam_random_walk:
-        scores = cam.refine_with_scribbles(cams, labels, image, scribble, cfg.cam_threshold)
+        # a writable copy: torch warns about (and does not support) tensors over read-only arrays
+        scores = cam.refine_with_scribbles(cams, labels, np.array(image), scribble, cfg.cam_threshold)
         return cam.scores_to_pseudo_label(scores, labels, cfg.cam_margin)
     return cam.cams_to_pseudo_label(cams, labels, cfg.cam_threshold, cfg.cam_margin)
 
