@@ -79,14 +79,14 @@ class Service:
             time.sleep(0.1)
         return self
 
-    def stop(self) -> None:
-        """End the server and its children (its own process group); wait until the port is free."""
+    def stop(self, grace: float = 2.0) -> None:
+        """End the server and its children (its own process group): SIGTERM, SIGKILL after `grace` s."""
         if self.proc is None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            self.proc.wait(timeout=15)
+            self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
