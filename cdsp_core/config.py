@@ -217,7 +217,7 @@ class PipelineConfig:
     scribble_dir: str = opt("pascal_2012_scribble", "folder of scribble PNGs under the dataset root")
     split_dir: str = opt("", "folder of the train/val lists under the dataset root (empty: found automatically)")
     external_pseudo_uri: str = opt("", "pseudo-labels from another method (folder of PNGs); empty: CAM pseudo-labels")
-    cls_gpus: int = opt(0, "GPUs for the classifier, CAM and evaluation steps (0: CPU)")
+    cls_gpus: int = opt(1, "GPUs for the classifier, CAM and evaluation steps (0: run them on CPU)")
     gpus: int = opt(1, "GPUs for segmentation training; more than one runs DDP through torchrun in the pod")
     force_train: bool = opt(False, "train even when the champion was trained on the same data fingerprint")
 
