@@ -99,6 +99,8 @@ def build_pipeline(cluster: config.ClusterConfig | None = None):
         with dsl.If(prep.outputs["Output"] == True, name="new-scribbles"):  # noqa: E712 (a KFP condition)
             classifier = components["train_classifier"](
                 prepared=prepared, **run, **settings("train_classifier"))
+            # Training and CAMs are seeded functions of their inputs: a cache hit (same input
+            # artifacts and settings) is as good as running them again.
             configure(classifier.set_display_name("classifier"), cluster, **step, cache=True,
                       gpus=p["cls_gpus"], shm=True)
             pseudo = components["pseudo_label"](

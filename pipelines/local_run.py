@@ -140,10 +140,14 @@ def summary_text(result: dict, tracking_uri: str) -> str:
     if result["trained"]:
         lines += [f"  model:                              {result['model_dir']}",
                   f"  evaluation (metrics, overlays):     {result['evaluation_dir']}"]
-    if tracking_uri.startswith("sqlite:"):
-        lines += [f"  MLflow UI:  mlflow ui --backend-store-uri {tracking_uri}   (then http://127.0.0.1:5000)"]
+    if tracking_uri == f"sqlite:///{tracking.project_dir() / 'mlflow.db'}":
+        lines += ["  MLflow UI:  make mlflow-ui, then http://127.0.0.1:5000 (experiment 'cdsp', model cdsp-segmenter)"]
+    elif tracking_uri.startswith("sqlite:"):
+        lines += [f"  MLflow UI:  mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000"]
     else:
-        lines += [f"  MLflow:     {tracking.redact(tracking_uri)}"]
+        lines += [f"  MLflow:     {tracking.redact(tracking_uri)} (experiment 'cdsp', model cdsp-segmenter)"]
+    if os.environ.get("PUSHGATEWAY_URL"):
+        lines += [f"  Prometheus: metrics pushed to {tracking.redact(os.environ['PUSHGATEWAY_URL'])} (cdsp_* series)"]
     return "\n".join(lines)
 
 
