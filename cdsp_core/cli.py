@@ -38,12 +38,13 @@ def one_line(e: CdspError) -> str:
     """The reason of a CdspError in one line.
 
     Raised in a data-loader worker, it reaches the main process with the worker's traceback in
-    front of it (torch re-raises it with that text); the reason is then the last line.
+    front of it (torch re-raises it with that text): the reason is then its last line. Any other
+    message that spans lines is joined into one.
     """
-    text = str(e).strip()
-    if "\n" in text:
-        text = text.rsplit("\n", 1)[1].removeprefix(f"{CdspError.__module__}.{CdspError.__name__}: ")
-    return text
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1].removeprefix(f"{CdspError.__module__}.{CdspError.__name__}: ")
+    return " ".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from torch import nn
 
 from cdsp_core import config, data, models
 from cdsp_core.config import EvalConfig
-from cdsp_core.errors import CdspError
+from cdsp_core.errors import CdspError, load_failure
 from cdsp_core.fsutil import atomic_path, atomic_write_text
 from cdsp_core.progress import progress
 from cdsp_core.transforms import to_normalized_tensor
@@ -151,7 +151,7 @@ def load_model(model_uri: str, device: torch.device | str = "cpu", kind: str | N
     except FileNotFoundError as e:
         raise CdspError(f"{path}: missing (training did not finish? resume it with --resume)") from e
     except Exception as e:  # truncated files and unpickling errors come in many types
-        raise CdspError(f"{path}: corrupt or unreadable weights ({type(e).__name__}: {e})") from e
+        raise CdspError(f"{path}: corrupt or unreadable weights ({load_failure(e)})") from e
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:  # another architecture or class count

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdsp_core.errors import CdspError
+from cdsp_core.errors import CdspError, load_failure
 
 # ---------------------------------------------------------------------------- ResNet
 
@@ -177,9 +177,8 @@ def _torch_load(path: str | Path, name: str) -> object:
         raise CdspError(f"{name}: is a folder, expected a weights file") from e
     except OSError as e:
         raise CdspError(f"{name}: cannot read pretrained weights: {e}") from e
-    except Exception as e:  # unpickling errors come in many types; their first line says enough
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise CdspError(f"{name}: not a torch state dict ({type(e).__name__}: {first_line})") from e
+    except Exception as e:  # unpickling errors come in many types
+        raise CdspError(f"{name}: not a torch state dict ({load_failure(e)})") from e
 
 
 def load_pretrained(model: nn.Module, path_or_uri: str) -> nn.Module:

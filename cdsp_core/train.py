@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from cdsp_core import config, data, evaluate, losses, models
 from cdsp_core.config import ClassifierConfig, SegTrainConfig
 from cdsp_core.datasets import ClassificationDataset, SegmentationDataset
-from cdsp_core.errors import CdspError
+from cdsp_core.errors import CdspError, load_failure
 from cdsp_core.fsutil import atomic_path, atomic_write_text
 from cdsp_core.progress import progress
 from cdsp_core.transforms import train_transform
@@ -175,7 +175,7 @@ def load_checkpoint(path: Path, arch: dict) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated files and unpickling errors come in many types
-        raise CdspError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__}: {e}); "
+        raise CdspError(f"{path}: corrupt or unreadable checkpoint ({load_failure(e)}); "
                         "delete it to train from scratch") from e
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch", "arch"} <= set(ckpt):
         raise CdspError(f"{path}: not a cdsp training checkpoint")
