@@ -44,12 +44,16 @@ def pipeline_arguments(preset: str | None, overrides: dict) -> dict:
 
 
 def ensure_synthetic_data(root: Path, n_train: int, n_val: int, size: int) -> Path:
+    """The synthetic dataset in `root`: reused when it was made with these numbers, else (re)made."""
     from cdsp_core import synth
 
-    if (root / synth.MARKER).exists():
+    wanted = {"n_train": n_train, "n_val": n_val, "size": size}
+    marker = root / synth.MARKER
+    made = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
+    if {k: made.get(k) for k in wanted} == wanted:
         log.info("using the synthetic dataset in %s", root)
     else:
-        synth.make_dataset(root, n_train=n_train, n_val=n_val, size=size)
+        synth.make_dataset(root, **wanted)
     return root
 
 
@@ -156,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pipelines.local_run", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="build/demo", help="folder of the runs, the MLflow database and the data")
-    parser.add_argument("--synth-train", type=int, default=400, help="synthetic training images (no --data-uri)")
-    parser.add_argument("--synth-val", type=int, default=100, help="synthetic validation images (no --data-uri)")
+    # The demo's size: the `cpu` preset's epochs over this many images fit in 10 minutes on 2 cores.
+    parser.add_argument("--synth-train", type=int, default=100, help="synthetic training images (no --data-uri)")
+    parser.add_argument("--synth-val", type=int, default=25, help="synthetic validation images (no --data-uri)")
     parser.add_argument("--synth-size", type=int, default=96, help="synthetic image side in pixels (no --data-uri)")
     config.add_arguments(parser, *SETTINGS_CLASSES)
     args = parser.parse_args(argv)

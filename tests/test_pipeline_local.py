@@ -24,13 +24,15 @@ def test_pipeline_arguments_are_every_parameter_preset_under_explicit_values():
     assert paper == {name: default for name, _, default, _ in cdsp_pipeline.pipeline_params()}
 
 
-def test_synthetic_data_is_generated_once(tmp_path):
+def test_synthetic_data_is_made_once_per_size(tmp_path):
     root = local_run.ensure_synthetic_data(tmp_path / "data", n_train=2, n_val=1, size=32)
     image = root / "JPEGImages" / "train_00000.jpg"
     stamp = image.stat().st_mtime_ns
     assert local_run.ensure_synthetic_data(tmp_path / "data", n_train=2, n_val=1, size=32) == root
     assert image.stat().st_mtime_ns == stamp
     assert (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split() == ["val_00000"]
+    local_run.ensure_synthetic_data(tmp_path / "data", n_train=3, n_val=1, size=32)  # other numbers: made again
+    assert len((root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()) == 3
 
 
 def test_missing_dataset_folder_is_one_line_and_exit_2(tmp_path, capsys):
