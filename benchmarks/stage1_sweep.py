@@ -42,10 +42,12 @@ def main() -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--work", required=True, help="folder for the classifiers (reused between calls)")
     p.add_argument("--preset", default="cpu")
-    p.add_argument("--variant", action="append", default=None, help="classifier overrides (repeatable)")
+    p.add_argument("--variant", action="append", default=[], help="classifier overrides (repeatable)")
+    p.add_argument("--classifier", action="append", default=[], help="score this trained classifier folder too")
     p.add_argument("--thresholds", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7")
     p.add_argument("--margins", default="0,0.1")
     p.add_argument("--random-walk", default="no,yes", help="no, yes or no,yes")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N training images (0: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -58,16 +60,17 @@ def main() -> int:
     margins = [float(m) for m in args.margins.split(",")]
     walks = [w == "yes" for w in args.random_walk.split(",")]
 
-    print(f"data: {args.data} ({len(index.train)} training images), preset {args.preset}, CAM scales {scales}\n")
+    scored = args.limit or len(index.train)
+    print(f"data: {args.data} ({len(index.train)} training images, {scored} scored), preset {args.preset}, "
+          f"CAM scales {scales}\n")
     print("| classifier | train s | random walk | τ | margin | pseudo mIoU | labelled |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
-    for text in args.variant or [""]:
-        overrides = parse_variant(text)
-        cfg = config.build(ClassifierConfig, args.preset, overrides)
-        name = text.replace(",", "_").replace("=", "-") or "preset"
-        model_dir = Path(args.work) / name
+    jobs = [(text, Path(args.work) / (text.replace(",", "_").replace("=", "-") or "preset")) for text in args.variant]
+    jobs += [(folder, Path(folder)) for folder in args.classifier]
+    for text, model_dir in jobs or [("", Path(args.work) / "preset")]:
         seconds = "cached"
         if not (model_dir / evaluate.MODEL_FILE).exists():
+            cfg = config.build(ClassifierConfig, args.preset, parse_variant(text))
             started = time.perf_counter()
             train.train_classifier(args.data, str(model_dir), cfg, device="cpu", seed=args.seed)
             seconds = f"{time.perf_counter() - started:.0f}"
@@ -77,7 +80,7 @@ def main() -> int:
         matrices = {(w, t, m): evaluate.ConfusionMatrix(n) for w in walks for t in thresholds for m in margins}
         labelled = dict.fromkeys(matrices, 0)
         total = 0
-        for item in index.train:
+        for item in index.train[:args.limit or None]:
             image, scribble, gt = data.read_image(item.image), data.read_label(item.scribble), data.read_label(item.gt)
             labels = data.image_labels(scribble, n)
             cams = cam.compute_cams(classifier, to_normalized_tensor(Image.fromarray(image)), labels, scales)

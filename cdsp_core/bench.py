@@ -249,12 +249,18 @@ def tracked(bench_id: str, experiment: str, run: Run, seed: int, params: dict, w
     return outcome
 
 
-def log_summary(bench_id: str, experiment: str, settings: dict, results: dict, out: Path) -> None:
-    """One more MLflow run: results.json/results.md and the mean mIoU of every bench run."""
+def start_summary(bench_id: str, experiment: str, settings: dict) -> str:
+    """The bench's own MLflow run (made first, so that an unreachable server stops the bench at once)."""
     from cdsp_core import tracking
 
-    run_id = tracking.start_pipeline_run(bench_id, experiment=experiment, params=settings, bench=bench_id,
-                                         bench_run="summary")
+    return tracking.start_pipeline_run(bench_id, experiment=experiment, params=settings, bench=bench_id,
+                                       bench_run="summary")
+
+
+def log_summary(run_id: str, results: dict, out: Path) -> None:
+    """results.json/results.md and the mean mIoU of every bench run on the bench's own MLflow run."""
+    from cdsp_core import tracking
+
     with tracking.stage_run(run_id, "results"):
         metrics = {f"miou_{r['name']}": r["miou"]["mean"] for r in results["runs"]}
         metrics.update({f"pseudo_miou_{v}": s["pseudo_miou"] for v, s in results["stage1"].items()
@@ -399,6 +405,7 @@ def bench(data_dir: str, out_dir: str, cls_cfg: ClassifierConfig, pl_cfg: Pseudo
     settings = {**config.to_dict(cls_cfg, pl_cfg, seg_cfg, eval_cfg, bench_cfg), "data": str(root),
                 "preset": preset or "paper"}
     bench_id = open_bench_dir(out, settings)
+    summary_run = start_summary(bench_id, bench_cfg.bench_experiment, settings) if bench_cfg.mlflow else None
     log.info("bench %s: %d runs x %d seeds on %s -> %s", bench_id, len(runs), bench_cfg.seeds, root, out)
 
     # Stage 1, once per scribble set that a run with pseudo-labels (or distance maps) uses.
@@ -444,8 +451,8 @@ def bench(data_dir: str, out_dir: str, cls_cfg: ClassifierConfig, pl_cfg: Pseudo
         results["checks"] = checks({r["name"]: r for r in rows})
         write_results(out, results)  # after every run, so a long bench shows its progress
 
-    if bench_cfg.mlflow:
-        log_summary(bench_id, bench_cfg.bench_experiment, settings, results, out)
+    if summary_run:
+        log_summary(summary_run, results, out)
     return results
 
 
