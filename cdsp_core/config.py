@@ -113,8 +113,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "cpu": {
         # Measured on the synthetic data from scratch (no ImageNet weights): SGD above these
-        # learning rates makes the loss climb after warm-up; crops of 64 px keep an epoch of
-        # 400 images under a minute on 2 cores (benchmarks/bench_train.py, docs/benchmarks.md).
+        # learning rates makes the loss climb after warm-up; with 64-px crops an epoch of 400
+        # images takes about 90 s on one busy CPU thread (docs/benchmarks.md, "Training speed").
         # classifier
         "cls_backbone": "resnet18",
         "cls_output_stride": 8,
