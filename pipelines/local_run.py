@@ -57,6 +57,25 @@ def ensure_synthetic_data(root: Path, n_train: int, n_val: int, size: int) -> Pa
     return root
 
 
+@contextlib.contextmanager
+def one_thread_when_busy():
+    """While the steps run on a machine already busier than its cores: one intra-op thread each.
+
+    OpenMP threads spin while they wait for a core, so there PyTorch runs several times faster
+    with one thread than with two (docs/benchmarks.md). An explicit OMP_NUM_THREADS wins.
+    """
+    cores, load = os.cpu_count() or 1, os.getloadavg()[0]
+    if "OMP_NUM_THREADS" in os.environ or load < cores:
+        yield
+        return
+    log.info("load average %.1f on %d cores: one thread per step (set OMP_NUM_THREADS to choose)", load, cores)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the steps inherit it
+    try:
+        yield
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
+
+
 def task_outputs(run_dir: Path, task: str) -> dict:
     """Output parameters of one finished task, from its executor_output.json (empty if it did not run)."""
     path = run_dir / task / "executor_output.json"
@@ -106,7 +125,7 @@ def run(arguments: dict, out_dir: str | os.PathLike) -> dict:
         cluster = dataclasses.replace(cluster, retries=0)
     pipeline = build_pipeline(cluster)
     steps = StepErrors(sys.stdout)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(steps):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(steps), one_thread_when_busy():
         # Our image names carry no "python"; kfp warns for that, but here the steps run in our venv by design.
         warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
         try:
