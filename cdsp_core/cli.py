@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("botocore", "boto3", "s3transfer"):  # -v is for our lines: boto3's debug log
+        logging.getLogger(name).setLevel(logging.INFO)  # prints request headers, the access key id among them
     try:
         return int(args.func(args) or 0)
     except CdspError as e:

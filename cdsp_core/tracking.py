@@ -40,6 +40,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -86,8 +87,20 @@ def project_dir() -> Path:
 
 
 def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI`, else the embedded SQLite store `<project>/mlflow.db`."""
-    return os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{project_dir() / 'mlflow.db'}"
+    """`MLFLOW_TRACKING_URI`, else the embedded SQLite store `<project>/mlflow.db`.
+
+    A `user:password@` in an http(s) URI goes to MLflow as MLFLOW_TRACKING_USERNAME/PASSWORD
+    instead: MLflow prints the URI it is given ("View run ... at: <uri>/#/...") into the logs.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        return f"sqlite:///{project_dir() / 'mlflow.db'}"
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme in ("http", "https") and parts.username is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(parts.username))
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(parts.password or ""))
+        uri = redact(uri)
+    return uri
 
 
 def redact(text: str) -> str:

@@ -16,3 +16,13 @@ def sample_dir() -> Path:
     if not SAMPLE.is_dir():
         pytest.skip(f"the shared ScribbleSup sample is absent ({SAMPLE})")
     return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def mlflow_service(tmp_path_factory):
+    """One real `mlflow server` (SQLite backend) for every test that needs one and keeps to its own
+    experiments and model names: a new server costs about 15 s of CPU (database migrations)."""
+    from services import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-service")) as server:
+        yield server

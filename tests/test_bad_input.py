@@ -62,8 +62,14 @@ def work(tiny, tmp_path) -> Path:
 
 @pytest.fixture
 def model(tiny, work) -> Path:
-    """A private copy of the trained model folder (model.pt, checkpoint.pt, config.json, history.json)."""
-    return Path(shutil.copytree(tiny / "model", work / "model"))
+    """A private copy of the trained model folder: model.pt, config.json, history.json (no checkpoint)."""
+    return Path(shutil.copytree(tiny / "model", work / "model", ignore=shutil.ignore_patterns("checkpoint.pt")))
+
+
+@pytest.fixture
+def model_with_checkpoint(tiny, model) -> Path:
+    shutil.copyfile(tiny / "model" / "checkpoint.pt", model / "checkpoint.pt")
+    return model
 
 
 def cdsp(capsys, *args) -> tuple[int, str]:
@@ -169,7 +175,7 @@ CHECKPOINTS = [_truncated_checkpoint, _not_a_training_checkpoint, _checkpoint_of
 
 
 @pytest.mark.parametrize("break_it", CHECKPOINTS, ids=[f.__name__.strip("_") for f in CHECKPOINTS])
-def test_bad_checkpoints_stop_resume_and_the_finished_model_is_kept(work, model, capsys, break_it):
+def test_bad_checkpoints_stop_resume_and_the_finished_model_is_kept(work, model_with_checkpoint, capsys, break_it):
     problem, extra = break_it(work)
     ckpt, weights = work / "model" / "checkpoint.pt", work / "model" / "model.pt"
     before = {p: sha(work / "model" / p) for p in files_in(work / "model")}
@@ -272,7 +278,7 @@ def test_rgb_scribble_says_how_to_convert(work, capsys):
     assert "save the indices as mode L" in err and "mode P (palette index = class)" in err
     assert not (work / "prepared").exists()
     # straight into training (no prepare): refused at the first batch, in one line, nothing written
-    for command, flags in (("train-seg", ["--pseudo", work / "pseudo", *seg_flags(workers=2)]),
+    for command, flags in (("train-seg", ["--pseudo", work / "pseudo", *seg_flags()]),
                            ("train-classifier", ["--cls-backbone", "resnet18", "--cls-crop-size", "32",
                                                  "--cls-batch-size", "2", "--cls-epochs", "1", "--no-cls-amp",
                                                  "--cls-workers", "0", "--device", "cpu"])):

@@ -6,7 +6,8 @@
   the tests may mount one; else writes past a quota raise ENOSPC at the file-object boundary):
   a clear error, and the previous checkpoint / output folder intact;
 - a stage re-run with the same inputs (a KFP retry) gives the same outputs and adds no MLflow
-  run and no registered model version (a real `mlflow server`).
+  run and no registered model version (a real `mlflow server`,
+  the session's `mlflow_service` of conftest.py).
 
 Covered elsewhere and not repeated here (see docs/reliability.md): in-process crash and SIGTERM
 resume, bit for bit (tests/test_train.py), the S3 endpoint going away mid-transfer
@@ -33,7 +34,6 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
-from services import mlflow_server
 from tiny_data import leftovers
 
 from cdsp_core import synth, tracking, train
@@ -310,43 +310,43 @@ def test_disk_full_while_writing_pseudo_labels_keeps_the_previous_output(tiny, s
 # ---------------------------------------------------------------------------- a retried stage
 
 
-def test_a_retried_stage_gives_the_same_outputs_without_new_runs_or_versions(tiny, tmp_path, monkeypatch):
+def test_a_retried_stage_gives_the_same_outputs_without_new_runs_or_versions(tiny, tmp_path, monkeypatch,
+                                                                              mlflow_service):
     model_name = f"cdsp-segmenter-retry-{uuid.uuid4().hex[:6]}"
     monkeypatch.setattr(tracking, "MODEL_NAME", model_name)
     experiment = f"retry-{uuid.uuid4().hex[:6]}"
     pseudo_cfg, seg_cfg = PseudoLabelConfig(), SegTrainConfig(**{**TINY, "epochs": 1})
     pseudo_out, model_out = tmp_path / "pseudo", tmp_path / "model"
-    with mlflow_server(tmp_path / "mlflow") as server:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-        client = MlflowClient(server.url)
-        outputs, stage_runs, versions = [], [], []
-        for attempt in (1, 2):  # the same step, retried by KFP with the same inputs
-            parent = tracking.start_pipeline_run("kfp-run-retry", experiment=experiment, fingerprint="fp-1")
-            with tracking.stage_run(parent, "pseudo_label", {"cam_threshold": pseudo_cfg.cam_threshold}) as run:
-                pseudo_label(str(tiny / "data"), str(pseudo_out), pseudo_cfg,
-                             external_pseudo=str(tiny / "data" / "SegmentationClass"))
-            stage_runs.append(run)
-            with contextlib.suppress(SystemExit), \
-                    tracking.stage_run(parent, "train_segmenter", {"lr": seg_cfg.lr, "epochs": 1}) as run:
-                train.train_segmenter(str(tiny / "data"), str(pseudo_out), str(model_out), seg_cfg,
-                                      on_metrics=tracking.log_metrics)
-                versions.append(tracking.log_segmenter(model_out))
-                if attempt == 1:  # pre-empted right after registering: the step fails, KFP retries it
-                    raise SystemExit(128 + signal.SIGTERM)
-            stage_runs.append(run)
-            maps = {k: v for k, v in files_of(pseudo_out).items() if k != "summary.json"}
-            outputs.append((maps, torch.load(model_out / "model.pt", weights_only=True)))
-            if attempt == 1:
-                assert client.get_run(run).info.status == "KILLED"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_service.url)
+    client = MlflowClient(mlflow_service.url)
+    outputs, stage_runs, versions = [], [], []
+    for attempt in (1, 2):  # the same step, retried by KFP with the same inputs
+        parent = tracking.start_pipeline_run("kfp-run-retry", experiment=experiment, fingerprint="fp-1")
+        with tracking.stage_run(parent, "pseudo_label", {"cam_threshold": pseudo_cfg.cam_threshold}) as run:
+            pseudo_label(str(tiny / "data"), str(pseudo_out), pseudo_cfg,
+                         external_pseudo=str(tiny / "data" / "SegmentationClass"))
+        stage_runs.append(run)
+        with contextlib.suppress(SystemExit), \
+                tracking.stage_run(parent, "train_segmenter", {"lr": seg_cfg.lr, "epochs": 1}) as run:
+            train.train_segmenter(str(tiny / "data"), str(pseudo_out), str(model_out), seg_cfg,
+                                  on_metrics=tracking.log_metrics)
+            versions.append(tracking.log_segmenter(model_out))
+            if attempt == 1:  # pre-empted right after registering: the step fails, KFP retries it
+                raise SystemExit(128 + signal.SIGTERM)
+        stage_runs.append(run)
+        maps = {k: v for k, v in files_of(pseudo_out).items() if k != "summary.json"}
+        outputs.append((maps, torch.load(model_out / "model.pt", weights_only=True)))
+        if attempt == 1:
+            assert client.get_run(run).info.status == "KILLED"
 
-        assert outputs[0][0] == outputs[1][0]  # the same pseudo-labels and distance maps, byte for byte
-        first, second = outputs[0][1], outputs[1][1]
-        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-        assert stage_runs[:2] == stage_runs[2:]  # each stage found its run again
-        assert versions == ["1", "1"]
-        assert len(client.search_model_versions(f"name='{model_name}'")) == 1
-        exp_id = client.get_experiment_by_name(experiment).experiment_id
-        runs = client.search_runs([exp_id])
-        stages = sorted(r.data.tags[tracking.TAG_STAGE] for r in runs)
-        assert stages == ["pipeline", "pseudo_label", "train_segmenter"]  # no duplicate run
-        assert all(r.info.status == "FINISHED" for r in runs)
+    assert outputs[0][0] == outputs[1][0]  # the same pseudo-labels and distance maps, byte for byte
+    first, second = outputs[0][1], outputs[1][1]
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert stage_runs[:2] == stage_runs[2:]  # each stage found its run again
+    assert versions == ["1", "1"]
+    assert len(client.search_model_versions(f"name='{model_name}'")) == 1
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    runs = client.search_runs([exp_id])
+    stages = sorted(r.data.tags[tracking.TAG_STAGE] for r in runs)
+    assert stages == ["pipeline", "pseudo_label", "train_segmenter"]  # no duplicate run
+    assert all(r.info.status == "FINISHED" for r in runs)
