@@ -186,9 +186,14 @@ def load_checkpoint(path: Path, arch: dict) -> dict:
     return ckpt
 
 
+def _is_temporary(path: Path) -> bool:
+    """A file that atomic_path was writing when its process was killed."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
+
 def _check_out_dir(out: Path) -> None:
     """Never train into a folder of someone else's files."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (
+    if out.exists() and (not out.is_dir() or (any(not _is_temporary(p) for p in out.iterdir()) and not (
             (out / CHECKPOINT).exists() or (out / evaluate.MODEL_CONFIG).exists()))):
         raise CdspError(f"{out}: exists and is not a model folder (no {CHECKPOINT} or {evaluate.MODEL_CONFIG}); "
                         "choose a new --out")
@@ -264,6 +269,8 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
     if is_main:
         _check_out_dir(out)
         out.mkdir(parents=True, exist_ok=True)
+        for stale in filter(_is_temporary, out.iterdir()):  # left by a run killed in the middle of a write
+            stale.unlink()
     seed_everything(seed + rank)  # the model is built already; DDP broadcasts rank 0's weights
 
     net.to(device, memory_format=torch.channels_last)  # faster convolutions on CUDA and on CPU (oneDNN)

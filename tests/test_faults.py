@@ -120,7 +120,11 @@ def epoch_lines(log: Path) -> list[int]:
 
 
 def test_sigterm_then_sigkill_of_train_seg_resumes_to_the_weights_of_an_uninterrupted_run(tiny, tmp_path):
-    straight = start_training(tiny, tmp_path / "straight", tmp_path / "straight.log")  # alongside, for comparison
+    # alongside, for comparison: an uninterrupted run, into a folder where a run killed while writing
+    # its very first checkpoint left only the temporary file
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "straight" / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"\0" * 4096)
+    straight = start_training(tiny, tmp_path / "straight", tmp_path / "straight.log")
     out, ckpt = tmp_path / "chain", tmp_path / "chain" / "checkpoint.pt"
 
     # 1. pre-empted: SIGTERM once epoch 1 is checkpointed -> a checkpoint at once, exit status 143
@@ -145,7 +149,9 @@ def test_sigterm_then_sigkill_of_train_seg_resumes_to_the_weights_of_an_uninterr
     epoch2, batch2 = position(ckpt)
     assert (epoch2, batch2) > (epoch1, batch1)
 
-    # 3. the next retry continues from the last checkpoint, not from epoch 0, and finishes
+    # 3. the next retry continues from the last checkpoint, not from epoch 0, and finishes; a kill
+    # in the middle of writing a checkpoint leaves its temporary file, which the retry removes
+    (out / ".checkpoint.pt.k1ll3d.tmp").write_bytes(ckpt.read_bytes()[:4096])
     third = start_training(tiny, out, tmp_path / "3.log", "--resume")
     assert finish(third) == 0, (tmp_path / "3.log").read_text()
     assert f"resumed from epoch {epoch2}" in (tmp_path / "3.log").read_text()
@@ -154,7 +160,7 @@ def test_sigterm_then_sigkill_of_train_seg_resumes_to_the_weights_of_an_uninterr
     assert leftovers(out) == []
 
     assert finish(straight) == 0, (tmp_path / "straight.log").read_text()
-    assert epoch_lines(tmp_path / "straight.log") == [1, 2, 3, 4]
+    assert epoch_lines(tmp_path / "straight.log") == [1, 2, 3, 4] and leftovers(tmp_path / "straight") == []
     want = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
     got = torch.load(out / "model.pt", weights_only=True)
     assert want.keys() == got.keys()
