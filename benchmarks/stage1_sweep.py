@@ -47,6 +47,7 @@ def main() -> int:
     p.add_argument("--thresholds", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7")
     p.add_argument("--margins", default="0,0.1")
     p.add_argument("--random-walk", default="no,yes", help="no, yes or no,yes")
+    p.add_argument("--cam-scales", default=None, help="CAM inference scales (default: the preset's)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N training images (0: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -54,7 +55,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     index = data.load_index(args.data)
     n = len(index.classes)
-    pl_cfg = config.build(PseudoLabelConfig, args.preset)
+    pl_cfg = config.build(PseudoLabelConfig, args.preset, {"cam_scales": args.cam_scales})
     scales = evaluate.parse_scales(pl_cfg.cam_scales, "--cam-scales")
     thresholds = [float(t) for t in args.thresholds.split(",")]
     margins = [float(m) for m in args.margins.split(",")]

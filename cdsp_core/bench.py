@@ -27,7 +27,8 @@ trains its own.
 Output folder:
 
     bench.json                 settings and the bench id (marks the folder; a rerun resumes)
-    scribbles/<variant>/       a dataset view whose training scribbles are degraded
+    data/<variant>/            the training view of each scribble set: the dataset through symlinks,
+                               train split only, drop/shrink scribbles for a variant
     stage1/<variant>/          classifier/ and pseudo/ (with the pseudo-labels' mIoU vs ground truth)
     runs/<name>/seed<k>/       model/, eval/ and result.json
     results.json, results.md   {"runs": [{"name", "losses", "scribbles", "miou", "per_class_iou",
@@ -161,23 +162,32 @@ def open_bench_dir(out: Path, settings: dict) -> str:
 # ---------------------------------------------------------------------------- scribbles and stage 1
 
 
-def scribble_view(index: data.DatasetIndex, out: Path, variant: str, seed: int) -> Path:
-    """A dataset root that is `index.root` with degraded training scribbles (symlinks + one new folder)."""
-    mode, ratio = VARIANTS[variant]
-    view = out / "scribbles" / variant
-    folder = f"scribbles_{variant}"
-    settings = {"data": str(index.root.resolve()), "scribble_dir": index.scribble_dir, "mode": mode,
-                "ratio": ratio, "seed": seed}
+def training_view(index: data.DatasetIndex, out: Path, variant: str, seed: int) -> Path:
+    """A dataset root for training: `index.root` through symlinks, with only the train split listed
+    (so the segmenter's per-epoch validation, about a fifth of a CPU epoch, is skipped: the bench
+    evaluates once at the end) and, for a variant, degraded scribbles (scribbles.degrade_dir).
+    """
+    view = out / "data" / variant
+    scribble_dir, split_dir = index.scribble_dir, "bench_splits"
+    settings = {"data": str(index.root.resolve()), "scribble_dir": index.scribble_dir,
+                "split_dir": index.split_dir, "variant": variant, "seed": seed}
     if _reuse(view / "view.json", settings) is not None:
         return view
     with data.new_output_dir(view, "view.json") as tmp:
+        made = {data.MANIFEST, split_dir}
+        if variant != CLEAN:
+            mode, ratio = VARIANTS[variant]
+            scribble_dir = f"scribbles_{variant}"
+            made.add(scribble_dir)
+            scribbles.degrade_dir(index.root / index.scribble_dir, tmp / scribble_dir, mode, ratio, seed)
         for entry in index.root.iterdir():
-            if entry.name not in (data.MANIFEST, folder):
+            if entry.name not in made:
                 (tmp / entry.name).symlink_to(entry.resolve())
-        count = scribbles.degrade_dir(index.root / index.scribble_dir, tmp / folder, mode, ratio, seed)
-        atomic_write_text(tmp / data.MANIFEST, json.dumps({"scribble_dir": folder, "split_dir": index.split_dir},
+        (tmp / split_dir).mkdir()
+        shutil.copyfile(index.root / index.split_dir / "train.txt", tmp / split_dir / "train.txt")
+        atomic_write_text(tmp / data.MANIFEST, json.dumps({"scribble_dir": scribble_dir, "split_dir": split_dir},
                                                           indent=2) + "\n")
-        _record(tmp / "view.json", settings, {"scribbles": count})
+        _record(tmp / "view.json", settings, {"scribble_dir": scribble_dir})
     return view
 
 
@@ -218,14 +228,15 @@ def make_stage1(data_dir: Path, out: Path, variant: str, cls_cfg: ClassifierConf
 # ---------------------------------------------------------------------------- one (run, seed)
 
 
-def train_and_evaluate(run: Run, seed: int, data_dir: Path, stage1: dict | None, folder: Path,
+def train_and_evaluate(run: Run, seed: int, train_dir: Path, data_dir: Path, stage1: dict | None, folder: Path,
                        seg_cfg: SegTrainConfig, eval_cfg: EvalConfig,
                        on_metrics: Callable[[dict, int], None] | None) -> dict:
-    """Train the segmenter of one bench run with one seed (on `stage1`'s pseudo-labels) and evaluate it on val."""
+    """Train the segmenter of one bench run with one seed on `train_dir` (with `stage1`'s pseudo-labels)
+    and evaluate it on the val split of `data_dir`."""
     pseudo_dir = stage1["pseudo"] if stage1 else None
     cfg = run_config(run, seg_cfg, seed)
     started = time.perf_counter()
-    summary = train.train_segmenter(str(data_dir), pseudo_dir, str(folder / "model"), cfg, on_metrics=on_metrics)
+    summary = train.train_segmenter(str(train_dir), pseudo_dir, str(folder / "model"), cfg, on_metrics=on_metrics)
     train_seconds = time.perf_counter() - started
     metrics = evaluate.evaluate(str(data_dir), str(folder / "model"), str(folder / "eval"), eval_cfg,
                                 device=cfg.device)
@@ -409,9 +420,8 @@ def bench(data_dir: str, out_dir: str, cls_cfg: ClassifierConfig, pl_cfg: Pseudo
     log.info("bench %s: %d runs x %d seeds on %s -> %s", bench_id, len(runs), bench_cfg.seeds, root, out)
 
     # Stage 1, once per scribble set that a run with pseudo-labels (or distance maps) uses.
-    roots = {CLEAN: root}
-    for variant in dict.fromkeys(r.scribbles for r in runs if r.scribbles != CLEAN):
-        roots[variant] = scribble_view(index, out, variant, bench_cfg.degrade_seed)
+    roots = {variant: training_view(index, out, variant, bench_cfg.degrade_seed)
+             for variant in dict.fromkeys(r.scribbles for r in runs)}
     stage1: dict[str, dict] = {}
     shared_classifier = None
     for variant in dict.fromkeys(r.scribbles for r in runs if train.needed_maps(run_config(r, seg_cfg, 0))):
@@ -436,8 +446,8 @@ def bench(data_dir: str, out_dir: str, cls_cfg: ClassifierConfig, pl_cfg: Pseudo
             outcome = _reuse(folder / RESULT, run_settings)
             if outcome is None:
                 _fresh(folder)
-                work = functools.partial(train_and_evaluate, run, seed, roots[run.scribbles], stage, folder, seg_cfg,
-                                         eval_cfg)
+                work = functools.partial(train_and_evaluate, run, seed, roots[run.scribbles], root, stage, folder,
+                                         seg_cfg, eval_cfg)
                 log.info("run %d/%d %s, seed %d", i, len(runs), run.name, seed)
                 if bench_cfg.mlflow:
                     outcome = tracked(bench_id, bench_cfg.bench_experiment, run, seed, params, work)

@@ -34,6 +34,7 @@ def test_tiny_bench_writes_results_logs_mlflow_and_resumes(tmp_path, monkeypatch
     from mlflow import MlflowClient
 
     data = tiny_dataset(tmp_path / "data", n_train=4, n_val=2, size=32)
+    original = {p.name: p.read_bytes() for p in (data / "pascal_2012_scribble").iterdir()}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = tmp_path / "bench"
@@ -64,10 +65,13 @@ def test_tiny_bench_writes_results_logs_mlflow_and_resumes(tmp_path, monkeypatch
     assert 0.0 <= results["stage1"]["clean"]["pseudo_miou"] <= 1.0
     assert by_name["cdsp"]["pseudo_miou"] == results["stage1"]["clean"]["pseudo_miou"]
     assert [c["target"] for c in results["checks"]] == ["cdsp >= scribble-only + 0.03 mIoU"]
-    # The drop(0.5) view: degraded scribbles, the originals untouched.
-    view = out / "scribbles" / "drop0.5"
-    assert json.loads((view / "manifest.json").read_text())["scribble_dir"] == "scribbles_drop0.5"
+    # The training view of drop(0.5): degraded scribbles, train split only; the originals untouched.
+    view = out / "data" / "drop0.5"
+    assert json.loads((view / "manifest.json").read_text()) == {"scribble_dir": "scribbles_drop0.5",
+                                                                "split_dir": "bench_splits"}
+    assert [p.name for p in (view / "bench_splits").iterdir()] == ["train.txt"]
     assert len(list((view / "scribbles_drop0.5").glob("*.png"))) == 6
+    assert {p.name: p.read_bytes() for p in (data / "pascal_2012_scribble").iterdir()} == original
 
     md = (out / "results.md").read_text()
     assert "| run | scribbles | L_seg | L_pseudo | LoRM | L_ds | L_dc | mIoU |" in md
