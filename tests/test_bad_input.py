@@ -313,9 +313,8 @@ def s3(tmp_path_factory):
         yield server
 
 
-@pytest.mark.parametrize("bad_key, problem", [
+@pytest.mark.parametrize("bad_key, problem", [  # more '..', '.' and '//' keys: tests/test_storage.py
     ("/etc/cron.d/evil", "absolute key"),
-    ("../../evil.txt", "'..' path segment"),
     ("JPEGImages/../../../evil.jpg", "'..' path segment"),
 ])
 def test_s3_keys_with_dotdot_or_absolute_paths_never_leave_the_folder(tiny, tmp_path, s3, monkeypatch, capsys,
