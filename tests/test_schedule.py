@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import services
+import torch
 from kfp import dsl
 from PIL import Image
 
@@ -75,8 +76,9 @@ def add_scribbles(s3, bucket: str, key: str, gt_path: Path) -> int:
     return int(new.sum())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monkeypatch, capsys):
+def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monkeypatch, capsys, request):
     with services.s3_server(tmp_path / "s3") as s3_srv, services.pushgateway(tmp_path / "pgw") as gateway:
         for k, v in s3_srv.env().items():
             monkeypatch.setenv(k, v)  # the pipeline's steps inherit the environment
@@ -140,6 +142,9 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
         storage.upload_dir(run_a / "pseudo-label" / "pseudo_labels", "s3://scribbles/external-pseudo")
         args_c = {**args, "external_pseudo_uri": "s3://scribbles/external-pseudo"}
         steps = stages.build("cdsp-cpu:test", "cdsp-cuda:test")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the local run does on a busy machine (OpenMP threads spin)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
         out = tmp_path / "c"
         prepared = dsl.Dataset(uri=str(out / "prepared"), metadata={})
         assert call(steps["data_prep"], args_c, prepared=prepared, data_report=dsl.Markdown(uri=str(out / "report.md")),
