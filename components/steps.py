@@ -48,7 +48,7 @@ def data_prep_step(prepared, data_report, fingerprint, mlflow_run_id, pipeline_r
         tracking.log_final_metrics(counts)
     prom.close()
 
-    prepared.metadata.update({"fingerprint": fp, **counts})
+    prepared.metadata.update({"fingerprint": fp, "new_scribbles": new_data, **counts})
     lines = ["# Data prep", "", f"- data: `{tracking.redact(data_uri)}`", f"- fingerprint: `{fp}`",
              f"- decision: **{decision}**", *(f"- {k}: {v}" for k, v in counts.items()),
              *(f"- warning: {w}" for w in manifest.get("warnings", [])[:20])]
