@@ -80,7 +80,7 @@ def test_tiny_bench_writes_results_logs_mlflow_and_resumes(tmp_path, monkeypatch
     assert f"{100 * by_name['cdsp']['miou']['mean']:.1f} ± {100 * by_name['cdsp']['miou']['std']:.1f}" in md
 
     # One MLflow run per (run, seed), in one experiment, with the evaluation's mIoU; plus the summary run.
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name("cdsp-bench")
     logged = client.search_runs([exp.experiment_id], "tags.`cdsp.stage` = 'pipeline'")
     per_run = {(x.data.tags["cdsp.bench_run"], x.data.tags["cdsp.seed"]): x for x in logged

@@ -324,7 +324,7 @@ def test_a_retried_stage_gives_the_same_outputs_without_new_runs_or_versions(tin
     pseudo_cfg, seg_cfg = PseudoLabelConfig(), SegTrainConfig(**{**TINY, "epochs": 1})
     pseudo_out, model_out = tmp_path / "pseudo", tmp_path / "model"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_service.url)
-    client = MlflowClient(mlflow_service.url)
+    client = MlflowClient(mlflow_service.url, registry_uri=mlflow_service.url)
     outputs, stage_runs, versions = [], [], []
     for attempt in (1, 2):  # the same step, retried by KFP with the same inputs
         parent = tracking.start_pipeline_run("kfp-run-retry", experiment=experiment, fingerprint="fp-1")

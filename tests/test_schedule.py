@@ -35,6 +35,14 @@ TINY = {"cls_backbone": "resnet18", "cls_epochs": 1, "cls_batch_size": 8, "cls_c
 STAGES = {"data_prep", "train_classifier", "pseudo_label", "train_segmenter", "evaluate"}
 
 
+def _client():
+    """A client whose registry is this test's server, whatever earlier tests set globally."""
+    from mlflow import MlflowClient
+
+    uri = tracking.tracking_uri()
+    return MlflowClient(uri, registry_uri=uri)
+
+
 def cli_flags(settings: dict) -> list[str]:
     """The `python -m pipelines.local_run` flags that give these settings."""
     out = []
@@ -48,9 +56,8 @@ def cli_flags(settings: dict) -> list[str]:
 
 def mlflow_children(parent_run_id: str) -> dict[str, str]:
     """Stage name -> run id of the nested runs of an MLflow parent run."""
-    from mlflow import MlflowClient
 
-    client = MlflowClient(tracking.tracking_uri())
+    client = _client()
     parent = client.get_run(parent_run_id)
     runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     return {r.data.tags[tracking.TAG_STAGE]: r.info.run_id for r in runs}
@@ -110,9 +117,8 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
         parent = (run_a / "data-prep" / "mlflow_run_id").read_text()
         children = mlflow_children(parent)
         assert set(children) == STAGES
-        from mlflow import MlflowClient
 
-        assert MlflowClient(tracking.tracking_uri()).get_metric_history(children["train_segmenter"], "loss")
+        assert _client().get_metric_history(children["train_segmenter"], "loss")
         with urllib.request.urlopen(gateway.url + "/metrics", timeout=10) as r:
             pushed = r.read().decode()
         assert 'cdsp_stage_last_success_timestamp_seconds{' in pushed and 'job="cdsp_train_segmenter"' in pushed
@@ -169,9 +175,8 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
                         report=dsl.HTML(uri=str(out / "report.html")), evaluation=dsl.Artifact(uri=str(out / "eval")),
                         fingerprint=fingerprint, model_version=version, **run)
 
-        from mlflow import MlflowClient
 
-        reason = MlflowClient(tracking.tracking_uri()).get_model_version(tracking.MODEL_NAME, version).tags[
+        reason = _client().get_model_version(tracking.MODEL_NAME, version).tags[
             tracking.TAG_REASON]
         # the champion was measured again on the new split, so the two mIoUs were compared
         assert f"champion version {champion['version']} (" in reason and "not comparable" not in reason

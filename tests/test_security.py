@@ -160,13 +160,13 @@ def test_no_secret_in_the_compiled_pipeline_outputs_logs_or_mlflow(tmp_path, mon
         captured = capfd.readouterr()
         outputs["stdout"], outputs["stderr"] = captured.out, captured.err
         outputs["log records"] = "\n".join(f"{r.name} {r.getMessage()} {r.args!r}" for r in caplog.records)
-        client = MlflowClient(mlflow.url)
+        client = MlflowClient(mlflow.url, registry_uri=mlflow.url)
         records = mlflow_records(client, tmp_path / "downloaded")
         with urllib.request.urlopen(gateway.url + "/metrics", timeout=10) as r:
             outputs["pushgateway"] = r.read().decode()
 
         # it all ran and was recorded ...
-        assert len(outputs) > 20 and len(caplog.records) > 100 and "cdsp_training_loss" in outputs["pushgateway"]
+        assert len(outputs) > 20 and len(caplog.records) > 50 and "cdsp_training_loss" in outputs["pushgateway"]
         stages_run = {r.data.tags.get(tracking.TAG_STAGE) for e in client.search_experiments()
                       for r in client.search_runs([e.experiment_id])}
         assert {"data_prep", "train_classifier", "pseudo_label", "train_segmenter", "evaluate"} <= stages_run

@@ -31,7 +31,7 @@ def mlflow_env(server, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while the server is away
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     monkeypatch.setenv("CDSP_CACHE_DIR", str(tmp_path / "cache"))
-    return MlflowClient(server.url)
+    return MlflowClient(server.url, registry_uri=server.url)
 
 
 def experiment() -> str:
@@ -301,6 +301,6 @@ def test_embedded_sqlite_store(server, monkeypatch, tmp_path):
     with tracking.stage_run(parent, "prepare", {"data_uri": "/data"}) as run_id:
         tracking.log_metrics({"n_train": 5}, 0)
         tracking.log_artifacts(tmp_path / "cfg.json")
-    client = MlflowClient(f"sqlite:///{db}")
+    client = MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
     assert client.get_run(run_id).data.metrics["n_train"] == 5
     assert list((db.parent / "mlruns").rglob("cfg.json"))  # artifacts beside the database
