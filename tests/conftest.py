@@ -26,3 +26,15 @@ def mlflow_service(tmp_path_factory):
 
     with mlflow_server(tmp_path_factory.mktemp("mlflow-service")) as server:
         yield server
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one intra-op thread for the test: on a busy 2-core machine that is several
+    times faster than two threads fighting over the cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

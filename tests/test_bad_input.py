@@ -32,12 +32,7 @@ TINY = dict(segmenter="deeplabv2", backbone="resnet18", crop_size=32, scale_min=
             batch_size=2, lr=0.01, warmup_epochs=1, workers=0, amp=False, device="cpu", seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ from cdsp_core.config import EvalConfig
 N_TRAIN, N_VAL, SIZE, EPOCHS = 16, 6, 40, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cdsp(*args: str) -> None:

@@ -13,14 +13,7 @@ from cdsp_core import cli, data, evaluate, synth
 from cdsp_core.config import EvalConfig
 from cdsp_core.errors import CdspError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: the 2 shared cores are busy with other tests; results are also bit-stable."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model_dir(path, class_names, kind="segmenter", seed=0):

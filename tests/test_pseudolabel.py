@@ -18,12 +18,7 @@ from cdsp_core.pseudolabel import pseudo_label
 SAMPLE_ID = "2007_000032"  # the image with a BMP pseudo-label and both reference distance maps
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

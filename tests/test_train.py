@@ -28,12 +28,7 @@ TINY = dict(segmenter="deeplabv2", backbone="resnet18", crop_size=32, scale_min=
 TERMS = ("loss_seg", "loss_pseudo", "loss_lorm", "loss_ds", "loss_dc")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
