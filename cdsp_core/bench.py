@@ -30,12 +30,13 @@ Output folder:
     data/<variant>/            the training view of each scribble set: the dataset through symlinks,
                                train split only, drop/shrink scribbles for a variant
     stage1/<variant>/          classifier/ and pseudo/ (with the pseudo-labels' mIoU vs ground truth)
-    runs/<name>/seed<k>/       model/, eval/ and result.json
+    runs/<name>/seed<k>/       model/, eval/, started.json and result.json
     results.json, results.md   {"runs": [{"name", "losses", "scribbles", "miou", "per_class_iou",
                                "seconds", ...}]}, mIoU as fractions, mean and spread over seeds
 
-A rerun with the same settings reuses every finished step, so an interrupted bench continues
-where it stopped; a step whose settings changed is redone. Each (run, seed) is one MLflow run
+A rerun with the same settings reuses every finished step and resumes an interrupted training
+from its checkpoint, so a stopped bench continues where it stopped; a step whose settings
+changed is redone. Each (run, seed) is one MLflow run
 in the experiment `bench_experiment` (params, training curves, final metrics), and one more
 run holds results.json/results.md and the mean mIoU of every bench run.
 """
@@ -64,6 +65,7 @@ log = logging.getLogger("cdsp.bench")
 
 MARKER = "bench.json"
 RESULT = "result.json"
+STARTED = "started.json"
 TERMS = ("seg", "pseudo", "lorm", "ds", "dc")  # loss term t has the weight field l_<t>
 CDSP = TERMS
 CLEAN = "clean"
@@ -229,14 +231,15 @@ def make_stage1(data_dir: Path, out: Path, variant: str, cls_cfg: ClassifierConf
 
 
 def train_and_evaluate(run: Run, seed: int, train_dir: Path, data_dir: Path, stage1: dict | None, folder: Path,
-                       seg_cfg: SegTrainConfig, eval_cfg: EvalConfig,
+                       seg_cfg: SegTrainConfig, eval_cfg: EvalConfig, resume: bool,
                        on_metrics: Callable[[dict, int], None] | None) -> dict:
     """Train the segmenter of one bench run with one seed on `train_dir` (with `stage1`'s pseudo-labels)
     and evaluate it on the val split of `data_dir`."""
     pseudo_dir = stage1["pseudo"] if stage1 else None
     cfg = run_config(run, seg_cfg, seed)
     started = time.perf_counter()
-    summary = train.train_segmenter(str(train_dir), pseudo_dir, str(folder / "model"), cfg, on_metrics=on_metrics)
+    summary = train.train_segmenter(str(train_dir), pseudo_dir, str(folder / "model"), cfg, resume=resume,
+                                    on_metrics=on_metrics)
     train_seconds = time.perf_counter() - started
     metrics = evaluate.evaluate(str(data_dir), str(folder / "model"), str(folder / "eval"), eval_cfg,
                                 device=cfg.device)
@@ -445,9 +448,13 @@ def bench(data_dir: str, out_dir: str, cls_cfg: ClassifierConfig, pl_cfg: Pseudo
                             "pseudo": stage and {k: stage[k] for k in ("pseudo", "pseudo_miou", "classifier")}}
             outcome = _reuse(folder / RESULT, run_settings)
             if outcome is None:
-                _fresh(folder)
+                # An interrupted run with the same settings continues from its checkpoint.
+                resume = _reuse(folder / STARTED, run_settings) is not None
+                if not resume:
+                    _fresh(folder)
+                    _record(folder / STARTED, run_settings, {})
                 work = functools.partial(train_and_evaluate, run, seed, roots[run.scribbles], root, stage, folder,
-                                         seg_cfg, eval_cfg)
+                                         seg_cfg, eval_cfg, resume)
                 log.info("run %d/%d %s, seed %d", i, len(runs), run.name, seed)
                 if bench_cfg.mlflow:
                     outcome = tracked(bench_id, bench_cfg.bench_experiment, run, seed, params, work)

@@ -92,12 +92,16 @@ def test_tiny_bench_writes_results_logs_mlflow_and_resumes(tmp_path, monkeypatch
     summary = [x for x in logged if x.data.tags.get("cdsp.bench_run") == "summary"]
     assert len(summary) == 1 and summary[0].data.metrics["miou_cdsp"] == pytest.approx(by_name["cdsp"]["miou"]["mean"])
 
-    # A rerun with the same settings reuses every finished step: nothing is trained again.
+    # A rerun with the same settings reuses every finished step: nothing is trained again; a run
+    # whose result is missing (interrupted after training) resumes from its checkpoint.
     model = out / "runs" / "cdsp" / "seed0" / "model" / "model.pt"
-    stamp = model.stat().st_mtime_ns
+    checkpoint = out / "runs" / "scribble-only" / "seed1" / "model" / "checkpoint.pt"
+    (checkpoint.parent.parent / "result.json").unlink()
+    stamps = model.stat().st_mtime_ns, checkpoint.stat().st_mtime_ns
     assert cli.main(argv) == 0
-    assert model.stat().st_mtime_ns == stamp
-    assert json.loads((out / "results.json").read_text())["runs"] == rows
+    assert (model.stat().st_mtime_ns, checkpoint.stat().st_mtime_ns) == stamps
+    again = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["miou"] for r in again] == [r["miou"] for r in rows]
     assert "cdsp " in capsys.readouterr().out
 
 
