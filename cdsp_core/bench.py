@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -249,12 +250,18 @@ def train_and_evaluate(run: Run, seed: int, train_dir: Path, data_dir: Path, sta
             "pseudo_miou": stage1.get("pseudo_miou") if stage1 else None}
 
 
-def tracked(bench_id: str, experiment: str, run: Run, seed: int, params: dict, work: Callable) -> dict:
-    """`work(on_metrics)` as one MLflow run of the bench experiment: params, curves, final metrics."""
+def tracked(bench_id: str, experiment: str, run: Run, seed: int, params: dict, settings: dict,
+            work: Callable) -> dict:
+    """`work(on_metrics)` as one MLflow run of the bench experiment: params, curves, final metrics.
+
+    The MLflow run is keyed by the run's settings too: a resumed run finds its MLflow run again,
+    a run redone with other settings gets a new one.
+    """
     from cdsp_core import tracking  # lazily: mlflow is only imported when logging
 
-    run_id = tracking.start_pipeline_run(f"{bench_id}.{run.name}.seed{seed}", experiment=experiment, params=params,
-                                         bench=bench_id, bench_run=run.name, seed=seed, scribbles=scribbles_label(run))
+    run_id = tracking.start_pipeline_run(f"{bench_id}.{run.name}.seed{seed}.{settings_key(settings)}",
+                                         experiment=experiment, params=params, bench=bench_id, bench_run=run.name,
+                                         seed=seed, scribbles=scribbles_label(run))
     with tracking.stage_run(run_id, "train_segmenter"):
         outcome = work(tracking.log_metrics)
         final = {k: outcome[k] for k in ("miou", "pixel_acc", "per_class_iou", "seconds", "pseudo_miou")
@@ -263,12 +270,17 @@ def tracked(bench_id: str, experiment: str, run: Run, seed: int, params: dict, w
     return outcome
 
 
+def settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def start_summary(bench_id: str, experiment: str, settings: dict) -> str:
-    """The bench's own MLflow run (made first, so that an unreachable server stops the bench at once)."""
+    """The bench's own MLflow run (made first, so that an unreachable server stops the bench at once);
+    one per bench folder and settings."""
     from cdsp_core import tracking
 
-    return tracking.start_pipeline_run(bench_id, experiment=experiment, params=settings, bench=bench_id,
-                                       bench_run="summary")
+    return tracking.start_pipeline_run(f"{bench_id}.{settings_key(settings)}", experiment=experiment,
+                                       params=settings, bench=bench_id, bench_run="summary")
 
 
 def log_summary(run_id: str, results: dict, out: Path) -> None:
@@ -457,7 +469,7 @@ def bench(data_dir: str, out_dir: str, cls_cfg: ClassifierConfig, pl_cfg: Pseudo
                                          seg_cfg, eval_cfg, resume)
                 log.info("run %d/%d %s, seed %d", i, len(runs), run.name, seed)
                 if bench_cfg.mlflow:
-                    outcome = tracked(bench_id, bench_cfg.bench_experiment, run, seed, params, work)
+                    outcome = tracked(bench_id, bench_cfg.bench_experiment, run, seed, params, run_settings, work)
                 else:
                     outcome = work(None)
                 _record(folder / RESULT, run_settings, outcome)
