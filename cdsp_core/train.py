@@ -260,8 +260,13 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
         final_model: Callable[[nn.Module], nn.Module], epochs: int, batch_size: int, lr: float, momentum: float,
         weight_decay: float, warmup_epochs: int, workers: int, amp: bool, device: torch.device, seed: int,
         resume: bool, on_metrics: MetricsCallback | None,
-        validate: Callable[[nn.Module, torch.device], float] | None = None) -> dict:
-    """Train `net` on `dataset` and write the model folder; the shared body of both stages."""
+        validate: Callable[[nn.Module, torch.device], float] | None = None,
+        on_checkpoint: Callable[[Path], None] | None = None) -> dict:
+    """Train `net` on `dataset` and write the model folder; the shared body of both stages.
+
+    `on_checkpoint(path)` runs after every checkpoint write (on rank 0), e.g. to copy it to
+    storage that outlives the pod, so that a retried pipeline step can resume from it.
+    """
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
     rank, world, device = init_distributed(device)
@@ -317,6 +322,8 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "iteration": iteration, "step": step,
                 "history": history, "rng": rng_state(), "arch": arch})
+            if on_checkpoint is not None:
+                on_checkpoint(ckpt_path)
 
     started = time.perf_counter()
     with StopOnSigterm() as stop:
@@ -407,7 +414,8 @@ def classifier_loss(scribble_ce: float) -> LossFn:
 
 
 def train_classifier(data_dir: str, out_dir: str, cfg: ClassifierConfig, *, device: str = "auto",
-                     resume: bool = False, seed: int = 0, on_metrics: MetricsCallback | None = None) -> dict:
+                     resume: bool = False, seed: int = 0, on_metrics: MetricsCallback | None = None,
+                     on_checkpoint: Callable[[Path], None] | None = None) -> dict:
     """Stage 1: the multi-label CAM classifier on the image-level labels hidden in the scribbles."""
     index = data.load_index(data_dir)
     n = len(index.classes)
@@ -422,7 +430,7 @@ def train_classifier(data_dir: str, out_dir: str, cfg: ClassifierConfig, *, devi
                epochs=cfg.cls_epochs, batch_size=cfg.cls_batch_size, lr=cfg.cls_lr, momentum=CLS_MOMENTUM,
                weight_decay=cfg.cls_weight_decay, warmup_epochs=cfg.cls_warmup_epochs, workers=cfg.cls_workers,
                amp=cfg.cls_amp, device=evaluate.resolve_device(device), seed=seed, resume=resume,
-               on_metrics=on_metrics)
+               on_metrics=on_metrics, on_checkpoint=on_checkpoint)
 
 
 # ---------------------------------------------------------------------------- stage 2: segmenter
@@ -497,7 +505,8 @@ def _val_miou(items: list[data.Item], n_classes: int) -> Callable[[nn.Module, to
 
 
 def train_segmenter(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: SegTrainConfig, *,
-                    resume: bool = False, on_metrics: MetricsCallback | None = None) -> dict:
+                    resume: bool = False, on_metrics: MetricsCallback | None = None,
+                    on_checkpoint: Callable[[Path], None] | None = None) -> dict:
     """Stage 2: the CDSP segmenter on scribbles + pseudo-labels + both distance maps."""
     if not any((cfg.l_seg, cfg.l_pseudo, cfg.l_lorm, cfg.l_ds, cfg.l_dc)):
         raise CdspError("every loss weight is 0: nothing to train "
@@ -522,7 +531,8 @@ def train_segmenter(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: Se
                final_model=lambda net: net.segmenter, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                momentum=cfg.momentum, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
                workers=cfg.workers, amp=cfg.amp, device=evaluate.resolve_device(cfg.device), seed=cfg.seed,
-               resume=resume, on_metrics=on_metrics, validate=_val_miou(val_items, n) if val_items else None)
+               resume=resume, on_metrics=on_metrics, validate=_val_miou(val_items, n) if val_items else None,
+               on_checkpoint=on_checkpoint)
 
 
 def to_flags(cfg) -> list[str]:
