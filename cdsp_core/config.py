@@ -236,6 +236,8 @@ class ClusterConfig:
     cuda_image: str = opt("ghcr.io/cdsp-pipelines/cdsp-cuda:0.1.0",
                           "image of the steps that may use a GPU (images/Dockerfile.cuda)")
     pipeline_root: str = opt("s3://cdsp-artifacts/kfp", "where KFP keeps the artifacts of every run (an S3 URI)")
+    checkpoint_root: str = opt("", "where the training steps mirror their checkpoints, so that a retried pod resumes: "
+                                   "an S3 URI or a folder; empty: <pipeline_root>/checkpoints")
     s3_secret: str = opt("cdsp-s3", "Kubernetes secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
     mlflow_secret: str = opt("cdsp-mlflow", "Kubernetes secret with MLFLOW_TRACKING_URI (and optional credentials)")
     settings_config_map: str = opt("cdsp-settings",

@@ -262,6 +262,36 @@ def exists(uri: str, *, attempts: int = TRANSFER_ATTEMPTS) -> bool:
 
 # --- single files --------------------------------------------------------------------------
 
+def delete(uri: str, *, attempts: int = TRANSFER_ATTEMPTS) -> bool:
+    """Remove one file or object if it is there; True if something was removed."""
+    if not is_remote(uri):
+        path = _local(uri)
+        if not path.is_file():
+            return False
+        path.unlink()
+        return True
+    from botocore.exceptions import ClientError
+
+    s3 = client()
+    bucket, key = split_s3(uri)
+    check_key(key, uri)
+
+    def head() -> bool:
+        try:
+            s3.head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as e:
+            if _status(e) == 404:
+                return False
+            raise
+
+    if not _with_retries(uri, head, attempts):
+        return False
+    _with_retries(uri, lambda: s3.delete_object(Bucket=bucket, Key=key), attempts)
+    return True
+
+
+
 def read_bytes(uri: str, max_bytes: int = READ_LIMIT, *, attempts: int = TRANSFER_ATTEMPTS) -> bytes:
     """The content of a file or object, refused (before reading) if it is over `max_bytes`."""
     if not is_remote(uri):

@@ -340,6 +340,10 @@ class MetricsLogger:
     """An `on_metrics(metrics, step)` callback that never blocks: points are queued and sent to
     MLflow from a background thread; when the server is away they stay queued (one warning),
     sending is retried with exponential backoff, and training goes on.
+
+    A point whose (key, step) the run already holds is not sent again: a retried stage that
+    enters its run again (and, resuming, reports the epochs before the interruption again, or
+    trains them again from scratch) adds no second point to a metric's history.
     """
 
     def __init__(self, run_id: str, flush_interval: float = 1.0):
@@ -357,6 +361,8 @@ class MetricsLogger:
         self._in_flight = 0
         self.failures = 0
         self.delivered = 0
+        self.skipped = 0  # points the run already held
+        self._recorded: dict[str, set[int]] | None = None  # key -> steps in the run; read before the first send
         self._thread = threading.Thread(target=self._send_loop, name=f"mlflow-metrics-{run_id[:8]}", daemon=True)
         self._thread.start()
 
@@ -386,7 +392,9 @@ class MetricsLogger:
                 batch = [self._pending.popleft() for _ in range(min(len(self._pending), 1000))]  # MLflow's limit
                 self._in_flight = len(batch)
             try:
-                self._client.log_batch(self.run_id, metrics=batch)
+                fresh = self._unrecorded(batch)
+                if fresh:
+                    self._client.log_batch(self.run_id, metrics=fresh)
             except Exception as e:
                 self.failures += 1
                 if not self._warned:
@@ -401,14 +409,24 @@ class MetricsLogger:
                                         timeout=min(backoff, 1.0) if closing else backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
+            for m in fresh:
+                self._recorded.setdefault(m.key, set()).add(m.step)
             with self._cond:
                 self._in_flight = 0
-                self.delivered += len(batch)
+                self.delivered += len(fresh)
+                self.skipped += len(batch) - len(fresh)
             if self.failures and backoff > 1.0:
                 log.info("MLflow at %s reachable again; buffered metrics sent", redact(self.uri))
             backoff = 1.0
             with self._cond:  # gather a few more points per request, unless closing
                 self._cond.wait_for(lambda: self._closing, timeout=self._flush_interval)
+
+    def _unrecorded(self, batch: list) -> list:
+        """The points of `batch` whose (key, step) the run does not hold yet (the run is read once)."""
+        if self._recorded is None:
+            keys = list(self._client.get_run(self.run_id).data.metrics)
+            self._recorded = {k: {m.step for m in self._client.get_metric_history(self.run_id, k)} for k in keys}
+        return [m for m in batch if m.step not in self._recorded.get(m.key, ())]
 
     def close(self, timeout: float | None = None, check: bool = True) -> None:
         """Send what is queued, waiting at most `timeout` s (FLUSH_TIMEOUT_S); CdspError if some could not be sent."""

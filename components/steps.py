@@ -74,13 +74,18 @@ def train_classifier_step(prepared, classifier, classifier_metrics, mlflow_run_i
         atomic_write_text(f"{classifier.path}/NOT_TRAINED", f"external pseudo-labels: {external_pseudo_uri}\n")
         classifier.metadata["trained"] = False
         return
-    from cdsp_core import train
+    from cdsp_core import checkpoints, train
 
     cfg = config.build(config.ClassifierConfig, None, settings)
-    summary = run_stage(mlflow_run_id, pipeline_run_id, "train_classifier",
-                        {**config.to_dict(cfg), "device": device, "seed": seed, "cls_gpus": cls_gpus},
+    params = {**config.to_dict(cfg), "device": device, "seed": seed, "cls_gpus": cls_gpus}
+    # A retried pod resumes from the checkpoint mirrored under this pipeline run (cdsp_core/checkpoints.py).
+    mirror = checkpoints.for_stage(pipeline_run_id, "train_classifier", params, data_dir=prepared.path)
+    resume = mirror.restore(classifier.path)
+    summary = run_stage(mlflow_run_id, pipeline_run_id, "train_classifier", params,
                         lambda on_metrics: train.train_classifier(prepared.path, classifier.path, cfg, device=device,
-                                                                  seed=seed, on_metrics=on_metrics))
+                                                                  seed=seed, resume=resume, on_metrics=on_metrics,
+                                                                  on_checkpoint=mirror.upload))
+    mirror.clear()
     kfp_metrics(classifier_metrics, summary)
     classifier.metadata.update({"trained": True, "backbone": cfg.cls_backbone})
 
@@ -105,15 +110,22 @@ def train_segmenter_step(prepared, pseudo_labels, model, train_metrics, mlflow_r
     import json
     from pathlib import Path
 
-    from cdsp_core import config, tracking, train
+    from cdsp_core import checkpoints, config, tracking, train
 
     cfg = config.build(config.SegTrainConfig, None, settings)
+    params = {**config.to_dict(cfg), "gpus": gpus}
+    # A retried pod resumes from the checkpoint mirrored under this pipeline run (cdsp_core/checkpoints.py).
+    mirror = checkpoints.for_stage(pipeline_run_id, "train_segmenter", params, data_dir=prepared.path)
+    resume = mirror.restore(model.path)
 
     def fit(on_metrics):
         if gpus <= 1:
-            return train.train_segmenter(prepared.path, pseudo_labels.path, model.path, cfg, on_metrics=on_metrics)
-        # DDP: one process per GPU under torchrun; their per-epoch history is recorded afterwards.
-        summary = train.launch_ddp(prepared.path, pseudo_labels.path, model.path, cfg, nproc=gpus)
+            return train.train_segmenter(prepared.path, pseudo_labels.path, model.path, cfg, resume=resume,
+                                         on_metrics=on_metrics, on_checkpoint=mirror.upload)
+        # DDP: one process per GPU under torchrun (checkpoints mirrored by a watcher thread here);
+        # their per-epoch history is recorded afterwards.
+        with mirror.watching(model.path):
+            summary = train.launch_ddp(prepared.path, pseudo_labels.path, model.path, cfg, nproc=gpus, resume=resume)
         history = json.loads((Path(model.path) / "history.json").read_text(encoding="utf-8"))
         for i, epoch in enumerate(history):
             on_metrics(epoch, int(epoch.get("epoch", i)))
@@ -126,8 +138,8 @@ def train_segmenter_step(prepared, pseudo_labels, model, train_metrics, mlflow_r
         versions.append(tracking.log_segmenter(model.path))
         return summary
 
-    summary = run_stage(mlflow_run_id, pipeline_run_id, "train_segmenter", {**config.to_dict(cfg), "gpus": gpus},
-                        fit_and_register)
+    summary = run_stage(mlflow_run_id, pipeline_run_id, "train_segmenter", params, fit_and_register)
+    mirror.clear()  # only now: a retry after training but before registration resumes at the last epoch
     kfp_metrics(train_metrics, summary)
     model.metadata.update({"segmenter": cfg.segmenter, "backbone": cfg.backbone, "mlflow_model_version": versions[0]})
     return versions[0]

@@ -72,6 +72,13 @@ def configure(task: dsl.PipelineTask, cluster: config.ClusterConfig, *, cpu: str
     return task
 
 
+def mirror_checkpoints(task: dsl.PipelineTask, cluster: config.ClusterConfig) -> dsl.PipelineTask:
+    """Tell a training step where to mirror its checkpoints, so that its retry resumes (cdsp_core/checkpoints.py)."""
+    from cdsp_core import checkpoints
+
+    return task.set_env_variable(checkpoints.ENV, checkpoints.root_for(cluster.pipeline_root, cluster.checkpoint_root))
+
+
 def build_pipeline(cluster: config.ClusterConfig | None = None):
     """The pipeline (a kfp GraphComponent) for these cluster settings."""
     cluster = cluster or cluster_settings()
@@ -103,6 +110,7 @@ def build_pipeline(cluster: config.ClusterConfig | None = None):
             # artifacts and settings) is as good as running them again.
             configure(classifier.set_display_name("classifier"), cluster, **step, cache=True,
                       gpus=p["cls_gpus"], shm=True)
+            mirror_checkpoints(classifier, cluster)
             pseudo = components["pseudo_label"](
                 prepared=prepared, classifier=classifier.outputs["classifier"], **run,
                 **settings("pseudo_label"))
@@ -113,6 +121,7 @@ def build_pipeline(cluster: config.ClusterConfig | None = None):
                 **settings("train_segmenter"))
             configure(segmenter.set_display_name("segmentation training"), cluster, cpu=cluster.seg_cpu,
                       memory=cluster.seg_memory, cache=True, gpus=p["gpus"], shm=True)
+            mirror_checkpoints(segmenter, cluster)
             evaluation = components["evaluate"](
                 prepared=prepared, model=segmenter.outputs["model"], **run,
                 fingerprint=prep.outputs["fingerprint"], model_version=segmenter.outputs["Output"],

@@ -123,6 +123,8 @@ def run(arguments: dict, out_dir: str | os.PathLike) -> dict:
     cluster = cluster_settings()
     if not os.environ.get("CDSP_RETRIES"):
         cluster = dataclasses.replace(cluster, retries=0)
+    if not cluster.checkpoint_root:  # the local runner keeps its runs in `root`, not under cluster.pipeline_root
+        cluster = dataclasses.replace(cluster, checkpoint_root=str(root / "checkpoints"))
     pipeline = build_pipeline(cluster)
     steps = StepErrors(sys.stdout)
     with warnings.catch_warnings(), contextlib.redirect_stdout(steps), one_thread_when_busy():

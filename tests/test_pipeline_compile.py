@@ -132,3 +132,26 @@ def test_cluster_settings_come_from_the_environment():
     cluster = cdsp_pipeline.cluster_settings({"CDSP_IMAGE": "reg.example/cdsp-cpu:9", "CDSP_RETRIES": "5"})
     assert cluster.image == "reg.example/cdsp-cpu:9" and cluster.retries == 5
     assert cluster.cuda_image == config.ClusterConfig().cuda_image
+
+
+def test_training_steps_know_where_to_mirror_their_checkpoints(compiled, tmp_path):
+    _, _, ir = compiled
+    executors = ir["deploymentSpec"]["executors"]
+
+    def env(task: str) -> dict:
+        return {e["name"]: e["value"] for e in executors[f"exec-{task}"]["container"].get("env", [])}
+
+    # default: <pipeline_root>/checkpoints (the fixture compiles with CDSP_PIPELINE_ROOT=s3://test-bucket/kfp-root)
+    for task in ("train-classifier", "train-segmenter"):
+        assert env(task)["CDSP_CHECKPOINT_ROOT"] == "s3://test-bucket/kfp-root/checkpoints", task
+    for task in ("data-prep", "pseudo-label", "evaluate"):
+        assert "CDSP_CHECKPOINT_ROOT" not in env(task), task
+    # CDSP_CHECKPOINT_ROOT at compile time picks another place
+    path = tmp_path / "p.yaml"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cdsp_pipeline", "--out", str(path)], cwd=REPO,
+                          env={**os.environ, "CDSP_CHECKPOINT_ROOT": "s3://ckpt-bucket/cdsp"}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    spec = next(yaml.safe_load_all(path.read_text()))
+    seg_env = spec["deploymentSpec"]["executors"]["exec-train-segmenter"]["container"]["env"]
+    assert {"name": "CDSP_CHECKPOINT_ROOT", "value": "s3://ckpt-bucket/cdsp"} in seg_env
