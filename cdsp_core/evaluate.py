@@ -318,8 +318,8 @@ def evaluate(data_dir: str, model_dir: str, out_dir: str, cfg: EvalConfig, *, sp
     return metrics
 
 
-def _image_files(images: str) -> list[Path]:
-    """The image files of a local folder, or of a storage URI (downloaded to a temp folder)."""
+def _image_files(images: str) -> tuple[Path, list[Path]]:
+    """(folder, image files) of a local folder, or of a storage URI (downloaded to a temp folder)."""
     folder = Path(images)
     if "://" in images:
         from cdsp_core import storage  # lazily: boto3 is only needed for URIs
@@ -332,21 +332,27 @@ def _image_files(images: str) -> list[Path]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in data.IMAGE_EXTS)
     if not files:
         raise CdspError(f"{images}: no images ({', '.join(data.IMAGE_EXTS[:3])}) found")
-    return files
+    return folder, files
 
 
 def predict(model_dir: str, images: str, out_dir: str, *, device: str = "auto",
             cfg: EvalConfig | None = None) -> list[str]:
     """Label PNGs (`labels/<name>.png`, mode P, VOC palette) and overlays for a folder or URI of images."""
     cfg = cfg or EvalConfig()
-    files = _image_files(images)
+    folder, files = _image_files(images)
     dev = resolve_device(device)
     model, info = load_model(model_dir, dev, kind="segmenter")
     scales = parse_scales(cfg.eval_scales, "--eval-scales") if cfg.multi_scale else [1.0]
     names = []
     with data.new_output_dir(out_dir, "predictions.json") as tmp:
         for path in progress(files, "predict"):
-            image = data.read_image(path)
+            try:
+                image = data.read_image(path)
+            except CdspError as e:
+                if "://" not in images:
+                    raise
+                # name the object the user knows, not its copy in our download folder
+                raise CdspError(str(e).replace(str(folder), images.rstrip("/"))) from e
             x = to_normalized_tensor(Image.fromarray(image)).to(dev)
             pred = segment(model, x, scales, cfg.multi_scale, cfg.eval_tile).to("cpu", torch.uint8).numpy()
             name = path.stem + ".png"

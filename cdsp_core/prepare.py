@@ -38,6 +38,10 @@ from cdsp_core.progress import progress
 log = logging.getLogger(__name__)
 
 SCHEMA = "cdsp-manifest-v1"
+# Largest file of an s3:// dataset that is downloaded at all (checked from the listing, before any
+# download). Pillow's pixel limit (about 89 Mpx) is checked only once a file is here; this keeps a
+# huge object from filling the disk first. 256 MiB holds an uncompressed RGB image at that limit.
+MAX_OBJECT_BYTES = 256 * 1024 * 1024
 
 
 def sha256_file(path: Path) -> str:
@@ -171,11 +175,12 @@ def _prepare_local(root: Path, source: str, out: Path, scribble_dir: str, split_
 
 
 def prepare(data_uri: str, out_dir: str, scribble_dir: str = data.DEFAULT_SCRIBBLE_DIR,
-            split_dir: str | None = None, copy: bool = False) -> dict:
+            split_dir: str | None = None, copy: bool = False, max_object_bytes: int = MAX_OBJECT_BYTES) -> dict:
     """Validate the dataset at `data_uri` (a folder or s3://bucket/prefix) and write
     `out_dir/manifest.json`; with `copy` (always for S3) also the dataset itself. Returns the manifest.
 
-    Nothing is written unless every check passes.
+    Nothing is written unless every check passes. An S3 object over `max_object_bytes` is refused
+    from the listing, before anything is downloaded.
     """
     out = Path(out_dir)
     if data_uri.startswith("s3://"):
@@ -183,7 +188,12 @@ def prepare(data_uri: str, out_dir: str, scribble_dir: str = data.DEFAULT_SCRIBB
 
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.download.", dir=out.parent) as tmp:
-            storage.download_dir(data_uri, tmp)
+            try:
+                storage.download_dir(data_uri, tmp, max_bytes=max_object_bytes)
+            except CdspError as e:
+                if "over the limit of" in str(e):
+                    raise CdspError(f"{e} (a larger limit: --max-object-bytes)") from e
+                raise
             try:
                 return _prepare_local(Path(tmp), data_uri, out, scribble_dir, split_dir, copy=True, move=True)
             except CdspError as e:  # name the object the user knows, not our download folder
@@ -206,11 +216,14 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
                         "holds lists, else ImageSets/Segmentation)")
     p.add_argument("--copy", action="store_true",
                    help="also copy the validated files into OUT in the VOC layout (implied for s3://)")
+    p.add_argument("--max-object-bytes", type=int, default=MAX_OBJECT_BYTES,
+                   help=f"s3:// data: refuse any object larger than this, before downloading anything "
+                        f"(default: {MAX_OBJECT_BYTES})")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    m = prepare(args.data, args.out, args.scribble_dir, args.split_dir, args.copy)
+    m = prepare(args.data, args.out, args.scribble_dir, args.split_dir, args.copy, args.max_object_bytes)
     print(f"prepared {m['n_train']} train and {m['n_val']} val images, {len(m['classes'])} classes, "
           f"{len(m['warnings'])} warnings; fingerprint {m['fingerprint'][:16]}; "
           f"manifest {Path(args.out) / data.MANIFEST}")

@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 from services import pushgateway, s3_server
 from tiny_data import bomb_png, leftovers
 
-from cdsp_core import cli, models, storage, synth, tracking
+from cdsp_core import cli, models, prepare, storage, synth, tracking
 from components import stages
 from pipelines import cdsp_pipeline, local_run
 
@@ -305,7 +305,40 @@ def test_a_decompression_bomb_served_from_s3_is_refused_before_decoding(tmp_path
             err = capsys.readouterr().err.strip()
             assert rc == 2 and "\n" not in err, err
             assert "train_00001.jpg: image is too large (Pillow's decompression-bomb limit" in err, err
-            if args[0] == "prepare":
-                assert f"s3://{bucket}/voc/JPEGImages/train_00001.jpg" in err  # the object the user knows
+            # the object the user knows, not its copy in a temporary download folder
+            assert f"error: s3://{bucket}/voc/JPEGImages/train_00001.jpg: image is too large" in err, err
+            assert "cdsp-images-" not in err and ".download." not in err, err
         assert not (tmp_path / "prepared").exists() and not (tmp_path / "pred").exists()
         assert leftovers(tmp_path) == []
+
+
+def test_prepare_refuses_an_s3_object_over_the_byte_limit_before_downloading_anything(tmp_path, monkeypatch,
+                                                                                      capsys):
+    root = synth.make_dataset(tmp_path / "data", n_train=2, n_val=1, size=32, seed=4)
+    big = root / "JPEGImages" / "train_00001.jpg"
+    big.write_bytes(big.read_bytes() + b"\0" * (1024 * 1024))  # a JPEG followed by 1 MiB of padding
+    size = big.stat().st_size
+    with s3_server(tmp_path / "s3") as s3:
+        for k, v in s3.env().items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+        bucket = f"huge-{uuid.uuid4().hex[:8]}"
+        s3.client().create_bucket(Bucket=bucket)
+        storage.upload_dir(root, f"s3://{bucket}/voc")
+        requests_before = len((s3.folder / "moto_server.log").read_text().splitlines())
+        capsys.readouterr()
+        rc = cli.main(["prepare", "--data", f"s3://{bucket}/voc", "--out", str(tmp_path / "prepared"),
+                       "--max-object-bytes", str(512 * 1024)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "\n" not in err, err
+        assert err.endswith(f"s3://{bucket}/voc/JPEGImages/train_00001.jpg: {size} bytes, over the limit of "
+                            f"524288 bytes; refusing to download it (a larger limit: --max-object-bytes)"), err
+        assert not (tmp_path / "prepared").exists() and leftovers(tmp_path) == []
+        requests = (s3.folder / "moto_server.log").read_text().splitlines()[requests_before:]
+        assert any("list-type=2" in r for r in requests), requests  # it listed the prefix ...
+        assert not any(f"GET /{bucket}/voc/" in r for r in requests), requests  # ... and downloaded nothing
+
+        # under the default limit (256 MiB) the same data is prepared
+        manifest = prepare.prepare(f"s3://{bucket}/voc", str(tmp_path / "prepared"))
+        assert manifest["n_train"] == 2 and prepare.MAX_OBJECT_BYTES == 256 * 1024 * 1024
+        assert (tmp_path / "prepared" / "JPEGImages" / "train_00001.jpg").stat().st_size == size
