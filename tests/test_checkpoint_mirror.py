@@ -214,3 +214,53 @@ def test_without_a_root_or_run_id_nothing_is_mirrored(tmp_path, monkeypatch, cap
     assert not checkpoints.for_stage("", "train_segmenter", {}, root=str(tmp_path)).enabled
     assert checkpoints.root_for("s3://b/kfp/") == "s3://b/kfp/checkpoints"
     assert checkpoints.root_for("s3://b/kfp", "s3://c/ckpt/") == "s3://c/ckpt"
+
+
+# What the segmentation step does when gpus > 1 (components/steps.py): torchrun trains, a thread of
+# this process mirrors the checkpoints, SIGTERM is passed on to torchrun. One process keeps it cheap.
+DDP_DRIVER = """
+import json, logging, sys
+from cdsp_core import checkpoints, train
+from cdsp_core.config import SegTrainConfig
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
+a = json.loads(sys.argv[1])
+mirror = checkpoints.for_stage(a["run"], "train_segmenter", a["settings"], root=a["root"])
+resume = mirror.restore(a["out"])
+with mirror.watching(a["out"], interval=0.2):
+    train.launch_ddp(a["data"], a["pseudo"], a["out"], SegTrainConfig(**a["settings"]), nproc=1, resume=resume)
+mirror.clear()
+"""
+
+
+def test_under_torchrun_the_step_process_mirrors_the_checkpoints_and_passes_sigterm_on(tiny, s3, tmp_path):
+    run_id = f"kfp-ddp-{uuid.uuid4().hex[:8]}"
+    key = f"ddp/{run_id}/train_segmenter/checkpoint.pt"
+
+    def start(out: Path, log: Path) -> subprocess.Popen:
+        payload = json.dumps({"run": run_id, "root": f"s3://{BUCKET}/ddp", "out": str(out), "data": str(tiny / "data"),
+                              "pseudo": str(tiny / "pseudo"), "settings": config.to_dict(SegTrainConfig(**CFG))})
+        with open(log, "wb") as fh:
+            return subprocess.Popen([sys.executable, "-c", DDP_DRIVER, payload], stdout=fh, stderr=subprocess.STDOUT,
+                                    cwd=REPO, env={**os.environ, **ONE_THREAD, **s3.env()})
+
+    out1 = tmp_path / "pod1" / "model"
+    first = start(out1, tmp_path / "1.log")
+    wait_for_new_checkpoint(first, out1 / "checkpoint.pt", tmp_path / "1.log")
+    first.send_signal(signal.SIGTERM)  # to the step process only; it passes it on
+    assert finish(first) == 128 + signal.SIGTERM, (tmp_path / "1.log").read_text()
+    log1 = (tmp_path / "1.log").read_text()
+    assert "SIGTERM: checkpoint written to" in log1  # by the training process under torchrun
+    mirrored = tmp_path / "mirrored.pt"
+    s3.client().download_file(BUCKET, key, str(mirrored))
+    assert mirrored.read_bytes() == (out1 / "checkpoint.pt").read_bytes()  # the SIGTERM checkpoint
+    epoch, batch = position(mirrored)
+    assert 1 <= epoch < CFG["epochs"]
+
+    out2 = tmp_path / "pod2" / "model"
+    second = start(out2, tmp_path / "2.log")
+    assert finish(second) == 0, (tmp_path / "2.log").read_text()
+    log2 = (tmp_path / "2.log").read_text()
+    assert f"resumed from epoch {epoch}{f', batch {batch}' if batch else ''} (" in log2
+    assert [h["epoch"] for h in json.loads((out2 / "history.json").read_text())] == [1, 2, 3, 4]
+    assert s3.client().list_objects_v2(Bucket=BUCKET, Prefix=f"ddp/{run_id}/").get("KeyCount") == 0
