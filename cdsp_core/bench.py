@@ -49,11 +49,13 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -295,6 +297,27 @@ def log_summary(run_id: str, results: dict, out: Path) -> None:
         tracking.log_artifacts(out / "results.json", out / "results.md", run_id=run_id)
 
 
+def run_job(job: dict) -> dict:
+    """Train and evaluate one (run, seed) of the bench (in this process or a pool worker)."""
+    work = functools.partial(train_and_evaluate, job["run"], job["seed"], job["train_dir"], job["data_dir"],
+                             job["stage1"], job["folder"], job["seg_cfg"], job["eval_cfg"], job["resume"])
+    bench_cfg = job["bench_cfg"]
+    log.info("run %s: training", job["label"])
+    if bench_cfg.mlflow:
+        return tracked(job["bench_id"], bench_cfg.bench_experiment, job["run"], job["seed"], job["params"],
+                       job["run_settings"], work)
+    return work(None)
+
+
+def _worker_init(threads: int, level: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s")
+    for name in ("botocore", "boto3", "s3transfer"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 # ---------------------------------------------------------------------------- aggregation and report
 
 
@@ -446,12 +469,11 @@ def bench(data_dir: str, out_dir: str, cls_cfg: ClassifierConfig, pl_cfg: Pseudo
         if cls_cfg.cls_scribble_ce == 0:
             shared_classifier = Path(stage1[variant]["classifier"])
 
-    rows = []
     results = {"bench_id": bench_id, "data": str(root), "preset": preset or "paper", "settings": settings,
-               "stage1": stage1, "runs": rows, "checks": []}
+               "stage1": stage1, "runs": [], "checks": []}
+    todo, done = [], {}  # (run, seed) pairs to train; finished outcomes by (run name, seed)
     for i, run in enumerate(runs, 1):
         stage = stage1.get(run.scribbles) if train.needed_maps(run_config(run, seg_cfg, 0)) else None
-        per_seed = []
         for seed in range(seg_cfg.seed, seg_cfg.seed + bench_cfg.seeds):
             folder = out / "runs" / run.name / f"seed{seed}"
             cfg = run_config(run, seg_cfg, seed)
@@ -459,27 +481,57 @@ def bench(data_dir: str, out_dir: str, cls_cfg: ClassifierConfig, pl_cfg: Pseudo
             run_settings = {**params, "data": str(roots[run.scribbles]),
                             "pseudo": stage and {k: stage[k] for k in ("pseudo", "pseudo_miou", "classifier")}}
             outcome = _reuse(folder / RESULT, run_settings)
-            if outcome is None:
-                # An interrupted run with the same settings continues from its checkpoint.
-                resume = _reuse(folder / STARTED, run_settings) is not None
-                if not resume:
-                    _fresh(folder)
-                    _record(folder / STARTED, run_settings, {})
-                work = functools.partial(train_and_evaluate, run, seed, roots[run.scribbles], root, stage, folder,
-                                         seg_cfg, eval_cfg, resume)
-                log.info("run %d/%d %s, seed %d", i, len(runs), run.name, seed)
-                if bench_cfg.mlflow:
-                    outcome = tracked(bench_id, bench_cfg.bench_experiment, run, seed, params, run_settings, work)
-                else:
-                    outcome = work(None)
-                _record(folder / RESULT, run_settings, outcome)
-            log.info("run %d/%d %s, seed %d: mIoU %.4f (%.0f s)", i, len(runs), run.name, seed, outcome["miou"],
-                     outcome["seconds"])
-            per_seed.append(outcome)
-        rows.append(aggregate(run, seg_cfg, per_seed, stage))
-        results["checks"] = checks({r["name"]: r for r in rows})
-        write_results(out, results)  # after every run, so a long bench shows its progress
+            if outcome is not None:
+                done[run.name, seed] = outcome
+                continue
+            # An interrupted run with the same settings continues from its checkpoint.
+            resume = _reuse(folder / STARTED, run_settings) is not None
+            if not resume:
+                _fresh(folder)
+                _record(folder / STARTED, run_settings, {})
+            todo.append(dict(label=f"{i}/{len(runs)} {run.name}, seed {seed}", run=run, seed=seed,
+                             train_dir=roots[run.scribbles], data_dir=root, stage1=stage, folder=folder,
+                             seg_cfg=seg_cfg, eval_cfg=eval_cfg, resume=resume, params=params,
+                             run_settings=run_settings, bench_id=bench_id, bench_cfg=bench_cfg))
 
+    def report() -> None:
+        """results.json/md from the runs whose seeds are all done, in the order of RUNS."""
+        results["runs"] = [aggregate(r, seg_cfg, per_seed, stage1.get(r.scribbles)
+                                     if train.needed_maps(run_config(r, seg_cfg, 0)) else None)
+                           for r in runs
+                           if len(per_seed := [done[k] for k in sorted(done) if k[0] == r.name]) == bench_cfg.seeds]
+        results["checks"] = checks({r["name"]: r for r in results["runs"]})
+        write_results(out, results)
+
+    def finished(job: dict, outcome: dict) -> None:
+        _record(job["folder"] / RESULT, job["run_settings"], outcome)
+        log.info("run %s: mIoU %.4f (%.0f s)", job["label"], outcome["miou"], outcome["seconds"])
+        done[job["run"].name, job["seed"]] = outcome
+        report()  # after every run, so a long bench shows its progress
+
+    for (name, seed), outcome in done.items():
+        log.info("run %s, seed %d: done before, mIoU %.4f", name, seed, outcome["miou"])
+    jobs = max(1, min(bench_cfg.jobs, len(todo)))
+    if jobs == 1:
+        for job in todo:
+            finished(job, run_job(job))
+    else:
+        # One process per job, each with its share of the cores: two single-threaded trainings on two
+        # cores run about twice as fast as one with two threads. spawn, not fork: this process has
+        # used OpenMP (stage 1), which does not survive a fork.
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        log.info("%d runs to train, %d at a time, %d thread(s) each", len(todo), jobs, threads)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                                 initargs=(threads, logging.getLogger().level)) as pool:
+            futures = {pool.submit(run_job, job): job for job in todo}
+            try:
+                for future in as_completed(futures):
+                    finished(futures[future], future.result())
+            except BaseException:
+                for future in futures:  # a failed run stops the bench; the running one finishes its epoch
+                    future.cancel()
+                raise
+    report()
     if summary_run:
         log_summary(summary_run, results, out)
     return results

@@ -135,7 +135,8 @@ def build_model(info: dict) -> nn.Module:
     n = len(info["class_names"])
     if info["kind"] == "classifier":
         return models.build_classifier(info["cls_backbone"], n, info["cls_output_stride"])
-    return models.build_segmenter(info["segmenter"], info["backbone"], n)
+    # Models written before output_stride was a setting were all at stride 8.
+    return models.build_segmenter(info["segmenter"], info["backbone"], n, output_stride=info.get("output_stride", 8))
 
 
 def load_model(model_uri: str, device: torch.device | str = "cpu", kind: str | None = None) -> tuple[nn.Module, dict]:

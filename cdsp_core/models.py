@@ -340,7 +340,7 @@ SEGMENTERS: dict[str, type[nn.Module]] = {"deeplabv2": DeepLabV2, "deeplabv3p": 
 
 def build_segmenter(name: str, backbone: str, n_classes: int, pretrained: str = "",
                     output_stride: int = 8) -> nn.Module:
-    """DeepLab-v2 ("deeplabv2") or DeepLab-v3+ ("deeplabv3p") on a ResNet at output stride 8.
+    """DeepLab-v2 ("deeplabv2") or DeepLab-v3+ ("deeplabv3p") on a ResNet at output stride 8 (or 16).
 
     `pretrained` loads torchvision-layout ImageNet weights into the backbone ("" = from scratch).
     """

@@ -256,8 +256,17 @@ def train_one_epoch(net: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Opti
     return metrics, step
 
 
+def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+    raise CdspError(f"unknown optimizer {name!r}: use sgd or adamw")
+
+
 def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, model_config: dict,
         final_model: Callable[[nn.Module], nn.Module], epochs: int, batch_size: int, lr: float, momentum: float,
+        optimizer_name: str = "sgd",
         weight_decay: float, warmup_epochs: int, workers: int, amp: bool, device: torch.device, seed: int,
         resume: bool, on_metrics: MetricsCallback | None,
         validate: Callable[[nn.Module, torch.device], float] | None = None,
@@ -279,7 +288,7 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
     seed_everything(seed + rank)  # the model is built already; DDP broadcasts rank 0's weights
 
     net.to(device, memory_format=torch.channels_last)  # faster convolutions on CUDA and on CPU (oneDNN)
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = make_optimizer(optimizer_name, net.parameters(), lr, momentum, weight_decay)
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", drop_last=True)
@@ -511,6 +520,8 @@ def train_segmenter(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: Se
     if not any((cfg.l_seg, cfg.l_pseudo, cfg.l_lorm, cfg.l_ds, cfg.l_dc)):
         raise CdspError("every loss weight is 0: nothing to train "
                         "(set one of --l-seg/--l-pseudo/--l-lorm/--l-ds/--l-dc)")
+    if cfg.optimizer not in ("sgd", "adamw"):
+        raise CdspError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
     if any(w < 0 for w in (cfg.l_seg, cfg.l_pseudo, cfg.l_lorm, cfg.l_ds, cfg.l_dc)):
         raise CdspError("loss weights must be >= 0")
     if cfg.l_lorm and not (cfg.l_seg or cfg.l_pseudo or cfg.l_ds or cfg.l_dc):
@@ -521,14 +532,15 @@ def train_segmenter(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: Se
     dataset = SegmentationDataset(index.train, n, transform, pseudo_dir=pseudo_dir, needs=needed_maps(cfg),
                                   target=cfg.seg_target)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    segmenter = models.build_segmenter(cfg.segmenter, cfg.backbone, n, cfg.pretrained)
+    segmenter = models.build_segmenter(cfg.segmenter, cfg.backbone, n, cfg.pretrained, cfg.output_stride)
     lorm = models.LoRM(segmenter.backbone.out_channels) if cfg.l_lorm else None
     arch = {"kind": "segmenter", "segmenter": cfg.segmenter, "backbone": cfg.backbone, "class_names": index.classes,
-            "lorm": lorm is not None}
+            "lorm": lorm is not None, "output_stride": cfg.output_stride}
     model_config = {**config.to_dict(cfg), **arch, "pseudo_dir": str(pseudo_dir or "")}
     val_items = [it for it in index.val if it.gt is not None]
     return fit(CDSPNet(segmenter, lorm), cdsp_loss(cfg), dataset, out_dir, arch=arch, model_config=model_config,
                final_model=lambda net: net.segmenter, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+               optimizer_name=cfg.optimizer,
                momentum=cfg.momentum, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
                workers=cfg.workers, amp=cfg.amp, device=evaluate.resolve_device(cfg.device), seed=cfg.seed,
                resume=resume, on_metrics=on_metrics, validate=_val_miou(val_items, n) if val_items else None,

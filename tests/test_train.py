@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cdsp_core import cli, config, data, losses, models, synth, train, transforms
+from cdsp_core import cli, config, data, evaluate, losses, models, synth, train, transforms
 from cdsp_core.config import PseudoLabelConfig, SegTrainConfig
 from cdsp_core.errors import CdspError
 from cdsp_core.pseudolabel import pseudo_label
@@ -264,3 +264,16 @@ def test_flags_round_trip_through_the_cli_parser():
     cfg = seg_cfg(l_lorm=0.0, amp=False, seg_target="gt")
     ns = cli.build_parser().parse_args(["train-seg", "--data", "d", "--out", "o", *train.to_flags(cfg)])
     assert config.from_namespace(SegTrainConfig, ns) == cfg
+
+
+def test_adamw_at_output_stride_16_trains_and_the_model_reloads_at_that_stride(tiny, tmp_path):
+    out = tmp_path / "m"
+    train_seg(tiny, out, epochs=1, optimizer="adamw", lr=1e-3, output_stride=16, l_lorm=0.0, l_ds=0.0, l_dc=0.0)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert "exp_avg" in next(iter(ckpt["optimizer"]["state"].values()))  # AdamW's state, not SGD's
+    model, info = evaluate.load_model(str(out), "cpu", kind="segmenter")
+    assert info["output_stride"] == 16
+    assert model.backbone.output_stride == 16
+    with pytest.raises(CdspError, match="unknown optimizer 'lion'"):
+        train_seg(tiny, tmp_path / "x", epochs=1, optimizer="lion", l_lorm=0.0, l_ds=0.0, l_dc=0.0)
+    assert not (tmp_path / "x").exists()  # refused before any output
