@@ -93,7 +93,7 @@ BENCH_ARGS ?=
 bench: install
 	@test -f $(BENCH_DIR)/data/synth.json || $(VENV)/bin/cdsp synth --out $(BENCH_DIR)/data
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/cdsp bench --data $(BENCH_DIR)/data --out $(BENCH_DIR)/results \
-	  --preset cpu --seeds 1 --epochs 6 $(BENCH_ARGS)
+	  --preset cpu --seeds 1 --epochs 6 --jobs 2 $(BENCH_ARGS)
 
 # The MLflow dashboard over the embedded store (mlflow.db and mlruns/ in this folder), on
 # localhost only: runs of `make demo` and `make bench` side by side. MLFLOW_UI_PORT=5000.
