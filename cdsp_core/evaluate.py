@@ -134,9 +134,11 @@ def build_model(info: dict) -> nn.Module:
     """The untrained network that a model config describes."""
     n = len(info["class_names"])
     if info["kind"] == "classifier":
-        return models.build_classifier(info["cls_backbone"], n, info["cls_output_stride"])
-    # Models written before output_stride was a setting were all at stride 8.
-    return models.build_segmenter(info["segmenter"], info["backbone"], n, output_stride=info.get("output_stride", 8))
+        return models.build_classifier(info["cls_backbone"], n, info["cls_output_stride"],
+                                       width=info.get("cls_width", 64))
+    # Models written before output_stride and width were settings had stride 8 and width 64.
+    return models.build_segmenter(info["segmenter"], info["backbone"], n, output_stride=info.get("output_stride", 8),
+                                  width=info.get("width", 64))
 
 
 def load_model(model_uri: str, device: torch.device | str = "cpu", kind: str | None = None) -> tuple[nn.Module, dict]:

@@ -97,20 +97,22 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, block: type[nn.Module], layers: Sequence[int], num_classes: int = 1000,
-                 replace_stride_with_dilation: Sequence[bool] = (False, False, False), include_top: bool = True):
+                 replace_stride_with_dilation: Sequence[bool] = (False, False, False), include_top: bool = True,
+                 width: int = 64):
         super().__init__()
-        self.inplanes = 64
+        w = width  # channels of the first stage: torchvision's 64; less is a narrow net for CPU-scale runs
+        self.inplanes = w
         self.dilation = 1
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = nn.Conv2d(3, w, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=replace_stride_with_dilation[0])
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=replace_stride_with_dilation[1])
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=replace_stride_with_dilation[2])
-        self.low_level_channels = 64 * block.expansion
-        self.out_channels = 512 * block.expansion
+        self.layer1 = self._make_layer(block, w, layers[0])
+        self.layer2 = self._make_layer(block, 2 * w, layers[1], stride=2, dilate=replace_stride_with_dilation[0])
+        self.layer3 = self._make_layer(block, 4 * w, layers[2], stride=2, dilate=replace_stride_with_dilation[1])
+        self.layer4 = self._make_layer(block, 8 * w, layers[3], stride=2, dilate=replace_stride_with_dilation[2])
+        self.low_level_channels = w * block.expansion
+        self.out_channels = 8 * w * block.expansion
         self.output_stride = 32 // 2 ** sum(bool(d) for d in replace_stride_with_dilation)
         if include_top:
             self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
@@ -157,12 +159,23 @@ def dilation_for_stride(output_stride: int) -> tuple[bool, bool, bool]:
     return table[output_stride]
 
 
-def resnet(name: str, output_stride: int = 32, include_top: bool = True, num_classes: int = 1000) -> ResNet:
-    """ResNet-18/34/50/101/152 by name, e.g. resnet("resnet50", output_stride=8, include_top=False)."""
+def resnet(name: str, output_stride: int = 32, include_top: bool = True, num_classes: int = 1000,
+           width: int = 64) -> ResNet:
+    """ResNet-18/34/50/101/152 by name, e.g. resnet("resnet50", output_stride=8, include_top=False).
+
+    `width` is the first stage's channel count (64: torchvision's, the only one ImageNet weights fit).
+    """
     if name not in RESNETS:
         raise CdspError(f"unknown backbone {name!r} (choose from {', '.join(RESNETS)})")
+    if width < 1:
+        raise CdspError(f"backbone width must be at least 1, got {width}")
     block, layers = RESNETS[name]
-    return ResNet(block, layers, num_classes, dilation_for_stride(output_stride), include_top)
+    return ResNet(block, layers, num_classes, dilation_for_stride(output_stride), include_top, width)
+
+
+def _check_width_for_weights(width: int, pretrained: str) -> None:
+    if pretrained and width != 64:
+        raise CdspError(f"{pretrained}: ImageNet weights fit only the standard width 64, not {width}")
 
 
 # ---------------------------------------------------------------------------- pretrained weights
@@ -252,9 +265,11 @@ class Classifier(nn.Module):
         return F.relu(maps), logits
 
 
-def build_classifier(backbone: str, n_classes: int, output_stride: int = 16, pretrained: str = "") -> Classifier:
+def build_classifier(backbone: str, n_classes: int, output_stride: int = 16, pretrained: str = "",
+                     width: int = 64) -> Classifier:
     """The stage-1 classifier; `pretrained` is a torchvision-layout weight file or URI ("" = from scratch)."""
-    model = Classifier(resnet(backbone, output_stride, include_top=False), n_classes)
+    _check_width_for_weights(width, pretrained)
+    model = Classifier(resnet(backbone, output_stride, include_top=False, width=width), n_classes)
     if pretrained:
         load_pretrained(model, pretrained)
     return model
@@ -339,14 +354,15 @@ SEGMENTERS: dict[str, type[nn.Module]] = {"deeplabv2": DeepLabV2, "deeplabv3p": 
 
 
 def build_segmenter(name: str, backbone: str, n_classes: int, pretrained: str = "",
-                    output_stride: int = 8) -> nn.Module:
+                    output_stride: int = 8, width: int = 64) -> nn.Module:
     """DeepLab-v2 ("deeplabv2") or DeepLab-v3+ ("deeplabv3p") on a ResNet at output stride 8 (or 16).
 
     `pretrained` loads torchvision-layout ImageNet weights into the backbone ("" = from scratch).
     """
     if name not in SEGMENTERS:
         raise CdspError(f"unknown segmenter {name!r} (choose from {', '.join(SEGMENTERS)})")
-    model = SEGMENTERS[name](resnet(backbone, output_stride, include_top=False), n_classes)
+    _check_width_for_weights(width, pretrained)
+    model = SEGMENTERS[name](resnet(backbone, output_stride, include_top=False, width=width), n_classes)
     if pretrained:
         load_pretrained(model, pretrained)
     return model

@@ -430,9 +430,10 @@ def train_classifier(data_dir: str, out_dir: str, cfg: ClassifierConfig, *, devi
     n = len(index.classes)
     dataset = ClassificationDataset(index.train, n, train_transform(cfg.cls_crop_size, *CLS_SCALE, rotation=0.0))
     torch.manual_seed(seed)  # the same initial weights on every rank
-    classifier = models.build_classifier(cfg.cls_backbone, n, cfg.cls_output_stride, cfg.cls_pretrained)
+    classifier = models.build_classifier(cfg.cls_backbone, n, cfg.cls_output_stride, cfg.cls_pretrained,
+                                         cfg.cls_width)
     arch = {"kind": "classifier", "cls_backbone": cfg.cls_backbone, "cls_output_stride": cfg.cls_output_stride,
-            "class_names": index.classes}
+            "class_names": index.classes, "cls_width": cfg.cls_width}
     model_config = {**config.to_dict(cfg), **arch, "seed": seed}
     return fit(ClassMaps(classifier), classifier_loss(cfg.cls_scribble_ce), dataset, out_dir, arch=arch,
                model_config=model_config, final_model=lambda net: net.classifier,
@@ -532,10 +533,11 @@ def train_segmenter(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: Se
     dataset = SegmentationDataset(index.train, n, transform, pseudo_dir=pseudo_dir, needs=needed_maps(cfg),
                                   target=cfg.seg_target)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    segmenter = models.build_segmenter(cfg.segmenter, cfg.backbone, n, cfg.pretrained, cfg.output_stride)
+    segmenter = models.build_segmenter(cfg.segmenter, cfg.backbone, n, cfg.pretrained, cfg.output_stride,
+                                       cfg.width)
     lorm = models.LoRM(segmenter.backbone.out_channels) if cfg.l_lorm else None
     arch = {"kind": "segmenter", "segmenter": cfg.segmenter, "backbone": cfg.backbone, "class_names": index.classes,
-            "lorm": lorm is not None, "output_stride": cfg.output_stride}
+            "lorm": lorm is not None, "output_stride": cfg.output_stride, "width": cfg.width}
     model_config = {**config.to_dict(cfg), **arch, "pseudo_dir": str(pseudo_dir or "")}
     val_items = [it for it in index.val if it.gt is not None]
     return fit(CDSPNet(segmenter, lorm), cdsp_loss(cfg), dataset, out_dir, arch=arch, model_config=model_config,

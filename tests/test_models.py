@@ -131,6 +131,25 @@ def test_load_pretrained_strict(tmp_path):
     load_pretrained(resnet("resnet18"), str(old))
 
 
+def test_narrow_resnets_keep_the_layout_and_refuse_imagenet_weights(tmp_path):
+    narrow = resnet("resnet18", output_stride=8, include_top=False, width=16)
+    standard = resnet("resnet18", output_stride=8, include_top=False)
+    assert list(narrow.state_dict()) == list(standard.state_dict())  # the same modules, fewer channels
+    assert narrow.layer4[1].conv2.weight.shape == (128, 128, 3, 3) and narrow.out_channels == 128
+    low, out = narrow.features(torch.randn(1, 3, 64, 64))
+    assert low.shape == (1, 16, 16, 16) and out.shape == (1, 128, 8, 8)
+    seg = build_segmenter("deeplabv2", "resnet18", 6, output_stride=8, width=16)
+    assert seg(torch.randn(2, 3, 48, 48))["out"].shape == (2, 6, 48, 48)
+    assert sum(p.numel() for p in seg.parameters()) < sum(p.numel() for p in standard.parameters()) / 10
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(fake_torchvision_weights("resnet18"), path)
+    with pytest.raises(CdspError, match="fit only the standard width 64, not 16"):
+        build_segmenter("deeplabv2", "resnet18", 6, pretrained=str(path), width=16)
+    with pytest.raises(CdspError, match="fit only the standard width 64, not 32"):
+        build_classifier("resnet18", 6, pretrained=str(path), width=32)
+
+
 def test_load_pretrained_from_s3(tmp_path, monkeypatch):
     state = fake_torchvision_weights("resnet18")
     torch.save(state, tmp_path / "r18.pth")
