@@ -370,9 +370,12 @@ def render_markdown(results: dict) -> str:
     by_name = {r["name"]: r for r in rows}
     base = by_name.get("scribble-only", {}).get("miou", {}).get("mean")
     seeds = max((len(r["seeds"]) for r in rows), default=0)
+    st = results["settings"]
     lines = [f"# CDSP bench: {results['data']}", "",
-             f"Preset `{results['preset']}`, segmenter {results['settings']['segmenter']} / "
-             f"{results['settings']['backbone']}, {results['settings']['epochs']} epochs, {seeds} seed(s) per run. "
+             f"Preset `{results['preset']}`, segmenter {st['segmenter']} / {st['backbone']}"
+             f"{f' (width {w})' if (w := st.get('width', 64)) != 64 else ''}, output stride "
+             f"{st.get('output_stride', 8)}, {st.get('optimizer', 'sgd')} lr {st['lr']:g}, {st['epochs']} epochs, "
+             f"{seeds} seed(s) per run. "
              "mIoU in % on the val split: mean ± standard deviation over seeds (min–max).", "",
              "| run | scribbles | L_seg | L_pseudo | LoRM | L_ds | L_dc | mIoU | Δ scribble-only | min–max | s/seed |",
              "| --- | --- | :---: | :---: | :---: | :---: | :---: | ---: | ---: | ---: | ---: |"]
@@ -402,8 +405,9 @@ def render_markdown(results: dict) -> str:
             cls_s = f"{s['classifier_seconds']:.0f}" if "classifier_seconds" in s else "shared"
             lines.append(f"| {variant} | {_pct(s.get('pseudo_miou'))} | {100 * s['labelled_fraction']:.0f}% | "
                          f"{cls_s} | {s['pseudo_seconds']:.0f} |")
-        st = results["settings"]
-        lines += ["", f"Classifier {st['cls_backbone']} (stride {st['cls_output_stride']}, {st['cls_epochs']} epochs, "
+        width = f", width {st['cls_width']}" if st.get("cls_width", 64) != 64 else ""
+        lines += ["", f"Classifier {st['cls_backbone']} (stride {st['cls_output_stride']}{width}, "
+                      f"{st['cls_epochs']} epochs, "
                       f"scribble CE {st['cls_scribble_ce']:g}); CAM τ {st['cam_threshold']:g}, margin "
                       f"{st['cam_margin']:g}, random walk {'on' if st['cam_random_walk'] else 'off'}."]
 

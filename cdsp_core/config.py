@@ -71,6 +71,8 @@ class SegTrainConfig:
     l_seg: float = opt(1.0, "weight of the partial CE on scribbles (0 switches it off)")
     l_pseudo: float = opt(1.0, "weight of the smoothed CE on pseudo-labels (0 switches it off)")
     l_lorm: float = opt(1.0, "weight of the LoRM loss (0 switches it off)")
+    lorm_scope: str = opt("all", "positions the LoRM loss sums over: all (the method page's: off the foreground "
+                                 "it shrinks the features themselves) or foreground (pseudo-label foreground only)")
     l_ds: float = opt(1.0, "weight of the DEL on the scribble distance map (0 switches it off)")
     l_dc: float = opt(1.0, "weight of the DEL on the boundary distance map (0 switches it off)")
     seg_target: str = opt("scribble", "target of L_seg: scribble, or gt (full ground truth: the supervised baseline)")

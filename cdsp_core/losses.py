@@ -66,10 +66,17 @@ def distance_entropy_loss(logits: torch.Tensor, weight: torch.Tensor) -> torch.T
         return _mean_over(weighted.sum(), (weighted != 0).sum())
 
 
-def lorm_loss(features: torch.Tensor, rectified: torch.Tensor) -> torch.Tensor:
-    """L_lorm = Σ (F − F')² / #{nonzero terms}, F the backbone features, F' = models.LoRM(F, pseudo)."""
+def lorm_loss(features: torch.Tensor, rectified: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+    """L_lorm = Σ (F − F')² / #{nonzero terms}, F the backbone features, F' = models.LoRM(F, pseudo).
+
+    F' is 0 off the foreground, so there the term is ‖F‖²: the method page's loss also shrinks
+    every background feature. `where` (B×1×h×w booleans, e.g. `LoRM.foreground`) limits the
+    sum to those positions: the `lorm_scope=foreground` option.
+    """
     with torch.autocast(features.device.type, enabled=False):
         squared = (features.float() - rectified.float()) ** 2
+        if where is not None:
+            squared = squared * where.to(squared.dtype)
         return _mean_over(squared.sum(), (squared != 0).sum())
 
 

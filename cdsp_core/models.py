@@ -390,6 +390,12 @@ class LoRM(nn.Module):
             nn.init.xavier_uniform_(conv.weight)
             nn.init.constant_(conv.bias, 0)
 
+    @staticmethod
+    def foreground(pseudo_label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """m: B×1×h×w booleans, the pseudo-label resized to the feature map is foreground (not 0, not 255)."""
+        label = F.interpolate(pseudo_label[:, None].float(), size=size, mode="nearest")
+        return (label != 0) & (label != 255)
+
     def forward(self, features: torch.Tensor, pseudo_label: torch.Tensor) -> torch.Tensor:
         b, c, h, w = features.shape
         # cosine similarity: unit-length columns, normalised in at least float32 (fp16 norms overflow)
@@ -397,7 +403,6 @@ class LoRM(nn.Module):
         q = F.normalize(self.query(features).flatten(2).to(precision), dim=1)  # B×C×N
         k = F.normalize(self.key(features).flatten(2).to(precision), dim=1)
         attention = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # B×N×N, rows i sum to 1 over j
-        label = F.interpolate(pseudo_label[:, None].float(), size=(h, w), mode="nearest")
-        mask = ((label != 0) & (label != 255)).flatten(2).to(features.dtype)  # B×1×N
+        mask = self.foreground(pseudo_label, (h, w)).flatten(2).to(features.dtype)  # B×1×N
         consensus = features.flatten(2) @ attention.transpose(1, 2).to(features.dtype)  # Σ_j A_ij F_j, B×C×N
         return (self.gamma * mask * consensus).view(b, c, h, w)

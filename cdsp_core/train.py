@@ -488,7 +488,9 @@ def cdsp_loss(cfg: SegTrainConfig) -> LossFn:
         if cfg.l_pseudo:
             terms["loss_pseudo"] = losses.pseudo_ce(logits, batch["pseudo"], cfg.label_smoothing)
         if cfg.l_lorm:
-            terms["loss_lorm"] = losses.lorm_loss(out["features"], out["rectified"])
+            where = models.LoRM.foreground(batch["pseudo"], out["features"].shape[-2:]) \
+                if cfg.lorm_scope == "foreground" else None
+            terms["loss_lorm"] = losses.lorm_loss(out["features"], out["rectified"], where)
         if cfg.l_ds:
             terms["loss_ds"] = losses.distance_entropy_loss(logits, batch["distance_scribble"])
         if cfg.l_dc:
@@ -521,6 +523,8 @@ def train_segmenter(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: Se
     if not any((cfg.l_seg, cfg.l_pseudo, cfg.l_lorm, cfg.l_ds, cfg.l_dc)):
         raise CdspError("every loss weight is 0: nothing to train "
                         "(set one of --l-seg/--l-pseudo/--l-lorm/--l-ds/--l-dc)")
+    if cfg.lorm_scope not in ("all", "foreground"):
+        raise CdspError(f"unknown lorm_scope {cfg.lorm_scope!r}: use all or foreground")
     if cfg.optimizer not in ("sgd", "adamw"):
         raise CdspError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
     if any(w < 0 for w in (cfg.l_seg, cfg.l_pseudo, cfg.l_lorm, cfg.l_ds, cfg.l_dc)):

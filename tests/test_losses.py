@@ -179,7 +179,7 @@ def test_lorm_loss_matches_loops():
         lorm.key.bias.copy_(torch.from_numpy(bk))
         lorm.gamma.fill_(gamma)
 
-    total, count = 0.0, 0
+    total, count, fg_total, fg_count = 0.0, 0, 0.0, 0
     for i in range(b):
         pos = [(y, x) for y in range(h) for x in range(w)]
         for (yi, xi) in pos:
@@ -194,10 +194,18 @@ def test_lorm_loss_matches_loops():
                 term = (feats[i, ch, yi, xi] - rect[ch]) ** 2
                 total += term
                 count += term != 0
+                if mask[i, yi, xi]:
+                    fg_total += term
+                    fg_count += term != 0
     assert count == b * c * h * w - c  # the zero vector on background
     f = torch.from_numpy(feats)
     got = lorm_loss(f, lorm(f, torch.from_numpy(pseudo)))
     assert got.item() == pytest.approx(total / count, rel=1e-6)
+    # lorm_scope=foreground: only the pseudo-label's foreground positions count
+    where = LoRM.foreground(torch.from_numpy(pseudo), (h, w))
+    assert where[:, 0].numpy().tolist() == mask.tolist()
+    got = lorm_loss(f, lorm(f, torch.from_numpy(pseudo)), where)
+    assert fg_count == mask.sum() * c and got.item() == pytest.approx(fg_total / fg_count, rel=1e-6)
 
 
 def test_cam_partial_ce_is_partial_ce_with_a_constant_background_logit():

@@ -268,8 +268,9 @@ def test_flags_round_trip_through_the_cli_parser():
 
 def test_adamw_narrow_and_at_output_stride_16_trains_and_the_model_reloads_so(tiny, tmp_path):
     out = tmp_path / "m"
-    train_seg(tiny, out, epochs=1, optimizer="adamw", lr=1e-3, output_stride=16, width=16, l_lorm=0.0, l_ds=0.0,
-              l_dc=0.0)
+    train_seg(tiny, out, epochs=1, optimizer="adamw", lr=1e-3, output_stride=16, width=16, lorm_scope="foreground",
+              l_ds=0.0, l_dc=0.0)
+    assert history(out)[0]["loss_lorm"] > 0
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert "exp_avg" in next(iter(ckpt["optimizer"]["state"].values()))  # AdamW's state, not SGD's
     model, info = evaluate.load_model(str(out), "cpu", kind="segmenter")
@@ -278,3 +279,5 @@ def test_adamw_narrow_and_at_output_stride_16_trains_and_the_model_reloads_so(ti
     with pytest.raises(CdspError, match="unknown optimizer 'lion'"):
         train_seg(tiny, tmp_path / "x", epochs=1, optimizer="lion", l_lorm=0.0, l_ds=0.0, l_dc=0.0)
     assert not (tmp_path / "x").exists()  # refused before any output
+    with pytest.raises(CdspError, match="unknown lorm_scope 'background'"):
+        train_seg(tiny, tmp_path / "x", epochs=1, lorm_scope="background")
