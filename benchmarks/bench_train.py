@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_train.py [--only cpu-preset,r50-321] [--threads N] [--epochs 3]
 
-- cpu-preset: the `cpu` preset (DeepLab-v2 / ResNet-18, 64-px crops, every CDSP loss term on)
+- cpu-preset: the `cpu` preset (DeepLab-v2 / narrow ResNet-18, 64-px crops, every CDSP loss term on)
               on 64 synthetic 96-px images;
 - r50-321:    DeepLab-v2 / ResNet-50 on 321×321 crops (the paper's segmenter at the crop size of
               many references), batch 4, every loss term on, 8 synthetic 321-px images; fp32 on
@@ -49,7 +49,9 @@ def run_case(name: str, tmp: Path, epochs: int) -> dict:
     start = time.perf_counter()
     train.train_segmenter(str(data), str(tmp / f"{name}-pseudo"), str(tmp / f"{name}-model"), cfg,
                           on_metrics=lambda m, step: speeds.append(m["images_per_sec"]))
-    return {"case": name, "segmenter": f"{cfg.segmenter} / {cfg.backbone}", "crop": cfg.crop_size,
+    width = f" width {cfg.width}," if cfg.width != 64 else ""
+    return {"case": name, "segmenter": f"{cfg.segmenter} / {cfg.backbone} ({width} stride {cfg.output_stride})",
+            "crop": cfg.crop_size,
             "batch": cfg.batch_size, "amp": cfg.amp, "images": case["n_train"], "epochs": epochs,
             "images_per_sec": max(speeds[1:] or speeds), "first_epoch": speeds[0],
             "wall_s": time.perf_counter() - start}
