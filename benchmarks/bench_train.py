@@ -49,8 +49,8 @@ def run_case(name: str, tmp: Path, epochs: int) -> dict:
     start = time.perf_counter()
     train.train_segmenter(str(data), str(tmp / f"{name}-pseudo"), str(tmp / f"{name}-model"), cfg,
                           on_metrics=lambda m, step: speeds.append(m["images_per_sec"]))
-    width = f" width {cfg.width}," if cfg.width != 64 else ""
-    return {"case": name, "segmenter": f"{cfg.segmenter} / {cfg.backbone} ({width} stride {cfg.output_stride})",
+    width = f"width {cfg.width}, " if cfg.width != 64 else ""
+    return {"case": name, "segmenter": f"{cfg.segmenter} / {cfg.backbone} ({width}stride {cfg.output_stride})",
             "crop": cfg.crop_size,
             "batch": cfg.batch_size, "amp": cfg.amp, "images": case["n_train"], "epochs": epochs,
             "images_per_sec": max(speeds[1:] or speeds), "first_epoch": speeds[0],
