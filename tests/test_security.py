@@ -281,6 +281,17 @@ def test_images_keep_secrets_and_build_context_out():
 # ---------------------------------------------------------------------------- decompression bombs from S3
 
 
+def dataset_on_s3(s3, root, name: str, monkeypatch) -> str:
+    """Point the AWS env at the moto server `s3` and upload `root` to s3://<new bucket>/voc; the bucket."""
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+    s3.client().create_bucket(Bucket=bucket)
+    storage.upload_dir(root, f"s3://{bucket}/voc")
+    return bucket
+
+
 def test_a_decompression_bomb_served_from_s3_is_refused_before_decoding(tmp_path, monkeypatch, capsys):
     root = synth.make_dataset(tmp_path / "data", n_train=2, n_val=1, size=32, seed=4)
     model_dir = tmp_path / "model"  # a real (untrained) segmenter to predict with
@@ -291,12 +302,7 @@ def test_a_decompression_bomb_served_from_s3_is_refused_before_decoding(tmp_path
     assert bomb.stat().st_size < 1000
     bomb.replace(root / "JPEGImages" / "train_00001.jpg")
     with s3_server(tmp_path / "s3") as s3:
-        for k, v in s3.env().items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-        bucket = f"bomb-{uuid.uuid4().hex[:8]}"
-        s3.client().create_bucket(Bucket=bucket)
-        storage.upload_dir(root, f"s3://{bucket}/voc")
+        bucket = dataset_on_s3(s3, root, "bomb", monkeypatch)
         for args in (["prepare", "--data", f"s3://{bucket}/voc", "--out", tmp_path / "prepared"],
                      ["predict", "--model", model_dir, "--images", f"s3://{bucket}/voc/JPEGImages",
                       "--out", tmp_path / "pred", "--device", "cpu"]):
@@ -319,12 +325,7 @@ def test_prepare_refuses_an_s3_object_over_the_byte_limit_before_downloading_any
     big.write_bytes(big.read_bytes() + b"\0" * (1024 * 1024))  # a JPEG followed by 1 MiB of padding
     size = big.stat().st_size
     with s3_server(tmp_path / "s3") as s3:
-        for k, v in s3.env().items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-        bucket = f"huge-{uuid.uuid4().hex[:8]}"
-        s3.client().create_bucket(Bucket=bucket)
-        storage.upload_dir(root, f"s3://{bucket}/voc")
+        bucket = dataset_on_s3(s3, root, "huge", monkeypatch)
         requests_before = len((s3.folder / "moto_server.log").read_text().splitlines())
         capsys.readouterr()
         rc = cli.main(["prepare", "--data", f"s3://{bucket}/voc", "--out", str(tmp_path / "prepared"),
