@@ -1,6 +1,6 @@
 """`cdsp bench`: the ablation of the method page and the scribble-quality robustness, side by side.
 
-    cdsp bench --data DIR --out DIR [--preset cpu|paper] [--seeds N] [--runs scribble-only,cdsp]
+    cdsp bench --data DIR --out DIR [--preset cpu|paper] [--seeds N] [--jobs N] [--runs scribble-only,cdsp]
 
 Every bench run trains the same segmenter (same backbone, schedule and seeds) with a subset of
 the CDSP loss terms, then evaluates it on the val split:
@@ -33,6 +33,9 @@ Output folder:
     runs/<name>/seed<k>/       model/, eval/, started.json and result.json
     results.json, results.md   {"runs": [{"name", "losses", "scribbles", "miou", "per_class_iou",
                                "seconds", ...}]}, mIoU as fractions, mean and spread over seeds
+
+After stage 1, the (run, seed) trainings are independent: `--jobs N` trains N at a time, each
+in a spawned worker process with its share of the CPU threads.
 
 A rerun with the same settings reuses every finished step and resumes an interrupted training
 from its checkpoint, so a stopped bench continues where it stopped; a step whose settings
