@@ -21,12 +21,11 @@ import pytest
 import torch
 from PIL import Image
 from services import s3_server
-from tiny_data import leftovers
+from tiny_data import data_with_gt_pseudo, leftovers
 
 from cdsp_core import cli, data, models, storage, synth, train
-from cdsp_core.config import PseudoLabelConfig, SegTrainConfig
+from cdsp_core.config import SegTrainConfig
 from cdsp_core.errors import CdspError
-from cdsp_core.pseudolabel import pseudo_label
 
 TINY = dict(segmenter="deeplabv2", backbone="resnet18", crop_size=32, scale_min=0.8, scale_max=1.2, epochs=1,
             batch_size=2, lr=0.01, warmup_epochs=1, workers=0, amp=False, device="cpu", seed=0)
@@ -39,9 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def tiny(tmp_path_factory) -> Path:
     """A dataset (4 train / 1 val, 32 px), its pseudo-label folder and a trained segmenter folder."""
     root = tmp_path_factory.mktemp("bad")
-    synth.make_dataset(root / "data", n_train=4, n_val=1, size=32, seed=7)
-    pseudo_label(str(root / "data"), str(root / "pseudo"), PseudoLabelConfig(),
-                 external_pseudo=str(root / "data" / "SegmentationClass"))
+    data_with_gt_pseudo(root, n_train=4, n_val=1, size=32, seed=7)
     torch.set_num_threads(1)
     train.train_segmenter(str(root / "data"), str(root / "pseudo"), str(root / "model"), SegTrainConfig(**TINY))
     return root

@@ -24,10 +24,10 @@ import torch
 from mlflow import MlflowClient
 from services import s3_server
 from test_faults import ONE_THREAD, TINY, finish, position, wait_for_new_checkpoint
+from tiny_data import data_with_gt_pseudo
 
-from cdsp_core import checkpoints, config, synth, tracking, train
-from cdsp_core.config import PseudoLabelConfig, SegTrainConfig
-from cdsp_core.pseudolabel import pseudo_label
+from cdsp_core import checkpoints, config, tracking, train
+from cdsp_core.config import SegTrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "cdsp-kfp"
@@ -58,9 +58,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def tiny(tmp_path_factory) -> Path:
     """4 train / 1 val images of 32 px; the ground truth stands in for pseudo-labels (fast, real files)."""
     root = tmp_path_factory.mktemp("mirror")
-    synth.make_dataset(root / "data", n_train=4, n_val=1, size=32, seed=5)
-    pseudo_label(str(root / "data"), str(root / "pseudo"), PseudoLabelConfig(),
-                 external_pseudo=str(root / "data" / "SegmentationClass"))
+    data_with_gt_pseudo(root, n_train=4, n_val=1, size=32, seed=5)
     return root
 
 

@@ -34,9 +34,9 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
-from tiny_data import leftovers
+from tiny_data import data_with_gt_pseudo, leftovers
 
-from cdsp_core import synth, tracking, train
+from cdsp_core import tracking, train
 from cdsp_core.config import PseudoLabelConfig, SegTrainConfig
 from cdsp_core.errors import CdspError
 from cdsp_core.pseudolabel import pseudo_label
@@ -55,9 +55,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def tiny(tmp_path_factory) -> Path:
     """4 train / 1 val images of 32 px; the ground truth stands in for pseudo-labels (fast, real files)."""
     root = tmp_path_factory.mktemp("faults")
-    synth.make_dataset(root / "data", n_train=4, n_val=1, size=32, seed=5)
-    pseudo_label(str(root / "data"), str(root / "pseudo"), PseudoLabelConfig(),
-                 external_pseudo=str(root / "data" / "SegmentationClass"))
+    data_with_gt_pseudo(root, n_train=4, n_val=1, size=32, seed=5)
     return root
 
 

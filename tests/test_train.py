@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_data import data_with_gt_pseudo
 
 from cdsp_core import cli, config, data, evaluate, losses, models, synth, train, transforms
-from cdsp_core.config import PseudoLabelConfig, SegTrainConfig
+from cdsp_core.config import SegTrainConfig
 from cdsp_core.errors import CdspError
-from cdsp_core.pseudolabel import pseudo_label
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(segmenter="deeplabv2", backbone="resnet18", crop_size=32, scale_min=0.8, scale_max=1.2, epochs=2,
@@ -35,9 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def tiny(tmp_path_factory):
     """4 train / 2 val images of 32 px, with ground truth as external pseudo-labels (fast, and real files)."""
     root = tmp_path_factory.mktemp("train")
-    synth.make_dataset(root / "data", n_train=4, n_val=2, size=32, seed=3)
-    pseudo_label(str(root / "data"), str(root / "pseudo"), PseudoLabelConfig(),
-                 external_pseudo=str(root / "data" / "SegmentationClass"))
+    data_with_gt_pseudo(root, n_train=4, n_val=2, size=32, seed=3)
     return root
 
 

@@ -19,6 +19,18 @@ def tiny_dataset(root: Path, n_train: int = 3, n_val: int = 2, size: int = 40, s
     return synth.make_dataset(root, n_train=n_train, n_val=n_val, size=size, seed=seed)
 
 
+def data_with_gt_pseudo(root: Path, n_train: int, n_val: int, size: int, seed: int) -> Path:
+    """Synthetic data in root/data and root/pseudo: its ground truth made into a pseudo-label folder
+    (real maps of the right sizes, fast, no classifier). Returns root."""
+    from cdsp_core.config import PseudoLabelConfig
+    from cdsp_core.pseudolabel import pseudo_label
+
+    synth.make_dataset(root / "data", n_train=n_train, n_val=n_val, size=size, seed=seed)
+    pseudo_label(str(root / "data"), str(root / "pseudo"), PseudoLabelConfig(),
+                 external_pseudo=str(root / "data" / "SegmentationClass"))
+    return root
+
+
 def write_label(path: Path, label: np.ndarray, mode: str = "L") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(np.asarray(label, np.uint8))
