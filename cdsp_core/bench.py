@@ -315,10 +315,10 @@ def run_job(job: dict) -> dict:
 def _worker_init(threads: int, level: int) -> None:
     import torch
 
+    from cdsp_core.cli import configure_logging
+
     torch.set_num_threads(threads)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s")
-    for name in ("botocore", "boto3", "s3transfer"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    configure_logging(level, "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s")
 
 
 # ---------------------------------------------------------------------------- aggregation and report

@@ -47,13 +47,16 @@ def one_line(e: CdspError) -> str:
     return " ".join(lines)
 
 
+def configure_logging(level: int, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
+    logging.basicConfig(level=level, format=fmt)
+    for name in ("botocore", "boto3", "s3transfer"):  # -v is for our lines: boto3's debug log
+        logging.getLogger(name).setLevel(logging.INFO)  # prints request headers, the access key id among them
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("botocore", "boto3", "s3transfer"):  # -v is for our lines: boto3's debug log
-        logging.getLogger(name).setLevel(logging.INFO)  # prints request headers, the access key id among them
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except CdspError as e:
