@@ -43,6 +43,8 @@ class ClassifierConfig:
     cls_warmup_epochs: int = opt(1, "classifier linear warm-up epochs before cosine decay")
     cls_amp: bool = opt(True, "classifier mixed precision (bf16 on CPU, fp16 with a scaler on CUDA)")
     cls_workers: int = opt(4, "classifier data-loading worker processes")
+    cls_checkpoint_minutes: float = opt(10.0, "classifier: also checkpoint (and mirror) every this many minutes "
+                                              "within an epoch, the most a pre-empted step loses (0: epoch ends only)")
 
 
 @dataclass
@@ -91,6 +93,8 @@ class SegTrainConfig:
     device: str = opt("auto", "auto|cpu|cuda")
     amp: bool = opt(True, "mixed precision (bf16 on CPU, fp16 with a scaler on CUDA)")
     workers: int = opt(4, "data-loading worker processes")
+    checkpoint_minutes: float = opt(10.0, "also checkpoint (and mirror) every this many minutes within an epoch, "
+                                          "the most a pre-empted step loses (0: epoch ends only)")
     seed: int = opt(0, "random seed")
 
 
