@@ -131,23 +131,28 @@ class StopOnSigterm:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def ignore_sigterm_in_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: a worker leaves SIGTERM to the main process.
+def leave_sigterm_to_the_main_process(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a worker ignores SIGTERM unless its main process sent it.
 
     In a KFP pod, Argo's emissary sends SIGTERM to the step's whole process group, workers
     included. torch's worker handler dies of a SIGTERM that its parent did not send, and the
     main process then fails ("DataLoader worker ... is killed by signal") instead of
-    checkpointing. Ignored here, the main process checkpoints, exits 143 and shuts its workers
-    down; a worker whose main process is gone anyway exits by itself (torch's watchdog checks
-    its parent every few seconds). Workers start with SIGTERM blocked (`start_workers`), so a
-    signal that arrives before this runs stays pending and is discarded here.
+    checkpointing; so SIGTERM stays blocked in the worker (`start_workers` forks it so, and a
+    signal that arrives before this runs waits too) and a thread takes each one: the main
+    process's own (torch and multiprocessing stop a worker with it, also at exit) ends the
+    worker as torch's handler would, anyone else's is dropped. A worker whose main process has
+    gone exits by itself (torch's watchdog checks its parent every few seconds).
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+                os._exit(0)
+
+    threading.Thread(target=wait, name="cdsp-worker-sigterm", daemon=True).start()
 
 
 def start_workers(loader: DataLoader):
-    """`iter(loader)`, its worker processes forked with SIGTERM blocked (see `ignore_sigterm_in_worker`)."""
+    """`iter(loader)`, its worker processes forked with SIGTERM blocked (see `leave_sigterm_to_the_main_process`)."""
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         return iter(loader)
@@ -337,7 +342,8 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
     optimizer = make_optimizer(optimizer_name, net.parameters(), lr, momentum, weight_decay)
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", drop_last=True, worker_init_fn=ignore_sigterm_in_worker)
+                        pin_memory=device.type == "cuda", drop_last=True,
+                        worker_init_fn=leave_sigterm_to_the_main_process)
     if len(loader) == 0:
         raise CdspError(f"{len(dataset)} training images{f' over {world} processes' if world > 1 else ''} do not "
                         f"fill one batch of {batch_size}; lower the batch size")
