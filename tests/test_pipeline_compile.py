@@ -235,6 +235,17 @@ def test_every_gpu_step_requests_its_gpus_in_the_form_the_driver_applies(compile
     assert driver_gpu_limit(old, "step", {}) is None
 
 
+def test_a_gpu_count_that_is_not_a_whole_number_stops_data_prep_before_any_gpu_step():
+    from components import steps
+
+    assert steps.gpu_count("gpus", "2") == 2 and steps.gpu_count("cls_gpus", "0") == 0
+    for value in ("two", "1.5", "", " 2", "-1"):  # what the driver would refuse, or make no limit of
+        with pytest.raises(CdspError, match=f"^gpus={re.escape(repr(value))}: not a GPU count; give a whole number"):
+            steps.data_prep_step(prepared=None, data_report=None, fingerprint=None, mlflow_run_id=None,
+                                 pipeline_run_id="run-1", data_uri="s3://data/voc", scribble_dir="s", split_dir="",
+                                 force_train=False, cls_gpus="1", gpus=value)
+
+
 # ---------------------------------------------------------------------------- memory and /dev/shm
 
 
