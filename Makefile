@@ -68,12 +68,13 @@ RUN_ARGS ?=
 pipeline: install
 	CDSP_IMAGE='$(CDSP_IMAGE)' CDSP_CUDA_IMAGE='$(CDSP_CUDA_IMAGE)' $(PY) -m pipelines.cdsp_pipeline --out $(PIPELINE_YAML)
 
-# Pipeline parameters as key=value: make submit KFP_ENDPOINT=... DATA_URI=s3://... RUN_ARGS="epochs=30"
+# Pipeline parameters as key=value: make submit KFP_ENDPOINT=... DATA_URI=s3://... RUN_ARGS="epochs=30 gpus=2"
+# (typed by the compiled pipeline: see pipelines/submit.py; an unreachable endpoint is one line).
 submit: pipeline
 	@test -n "$(KFP_ENDPOINT)" || { echo "make submit: set KFP_ENDPOINT (the KFP API address)" >&2; exit 2; }
 	@test -n "$(DATA_URI)" || { echo "make submit: set DATA_URI (s3://bucket/prefix of the dataset)" >&2; exit 2; }
-	$(VENV)/bin/kfp --endpoint '$(KFP_ENDPOINT)' run create --experiment-name '$(KFP_EXPERIMENT)' \
-	  --package-file $(PIPELINE_YAML) data_uri='$(DATA_URI)' $(RUN_ARGS)
+	@$(PY) -m pipelines.submit --endpoint '$(KFP_ENDPOINT)' --experiment '$(KFP_EXPERIMENT)' \
+	  $(PIPELINE_YAML) data_uri='$(DATA_URI)' $(RUN_ARGS)
 
 images:
 	@docker info >/dev/null 2>&1 || { echo "make images: no Docker engine reachable (docker info failed)" >&2; exit 2; }

@@ -43,6 +43,8 @@ class ClassifierConfig:
     cls_warmup_epochs: int = opt(1, "classifier linear warm-up epochs before cosine decay")
     cls_amp: bool = opt(True, "classifier mixed precision (bf16 on CPU, fp16 with a scaler on CUDA)")
     cls_workers: int = opt(4, "classifier data-loading worker processes")
+    cls_checkpoint_minutes: float = opt(10.0, "classifier: also checkpoint (and mirror) every this many minutes "
+                                              "within an epoch, the most a pre-empted step loses (0: epoch ends only)")
 
 
 @dataclass
@@ -91,6 +93,8 @@ class SegTrainConfig:
     device: str = opt("auto", "auto|cpu|cuda")
     amp: bool = opt(True, "mixed precision (bf16 on CPU, fp16 with a scaler on CUDA)")
     workers: int = opt(4, "data-loading worker processes")
+    checkpoint_minutes: float = opt(10.0, "also checkpoint (and mirror) every this many minutes within an epoch, "
+                                          "the most a pre-empted step loses (0: epoch ends only)")
     seed: int = opt(0, "random seed")
 
 
@@ -239,8 +243,11 @@ class PipelineConfig:
     scribble_dir: str = opt("pascal_2012_scribble", "folder of scribble PNGs under the dataset root")
     split_dir: str = opt("", "folder of the train/val lists under the dataset root (empty: found automatically)")
     external_pseudo_uri: str = opt("", "pseudo-labels from another method (folder of PNGs); empty: CAM pseudo-labels")
-    cls_gpus: int = opt(1, "GPUs for the classifier, CAM and evaluation steps (0: run them on CPU)")
-    gpus: int = opt(1, "GPUs for segmentation training; more than one runs DDP through torchrun in the pod")
+    # The GPU counts are strings: KFP's driver reads a parameterised accelerator limit as a string
+    # value and sets no limit for a number (pipelines/cdsp_pipeline.py, `configure`).
+    cls_gpus: str = opt("1", "GPUs for the classifier, CAM and evaluation steps, a whole number (0: run them on CPU)")
+    gpus: str = opt("1", "GPUs for segmentation training, a whole number; more than one runs DDP through torchrun "
+                         "in the pod")
     force_train: bool = opt(False, "train even when the champion was trained on the same data fingerprint")
 
 
@@ -260,8 +267,10 @@ class ClusterConfig:
                                    "optional ConfigMap with AWS_ENDPOINT_URL_S3 and PUSHGATEWAY_URL")
     accelerator: str = opt("nvidia.com/gpu", "Kubernetes resource name of the accelerator")
     step_cpu: str = opt("4", "CPU request of the data, classifier, CAM and evaluation steps")
-    step_memory: str = opt("16Gi", "memory request of the data, classifier, CAM and evaluation steps")
+    step_memory: str = opt("16Gi", "memory request and limit of the data, classifier, CAM and evaluation steps")
     seg_cpu: str = opt("8", "CPU request of segmentation training (per pod)")
-    seg_memory: str = opt("48Gi", "memory request of segmentation training")
-    shm_size: str = opt("16Gi", "size of the in-memory /dev/shm of the training steps (data-loader workers)")
+    seg_memory: str = opt("48Gi", "memory request and limit of segmentation training")
+    shm_percent: int = opt(25, "share (%) of the memory limit of the classifier and segmentation training pods "
+                               "that their in-memory /dev/shm (data-loader workers, NCCL) may fill; it counts "
+                               "against that limit")
     retries: int = opt(2, "retries of a failed step (exponential backoff)")

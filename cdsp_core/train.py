@@ -7,10 +7,11 @@
 Both share one loop (`fit` → `train_one_epoch`): SGD with momentum, linear warm-up then cosine
 decay per iteration, AMP (bf16 autocast on CPU; fp16 and a GradScaler on CUDA), channels-last,
 seeds, DDP when started by `torchrun` (gloo on CPU, NCCL on GPU; only rank 0 writes).
-The model folder (docs/design.md) gets `checkpoint.pt` after every epoch (atomically), and
-`model.pt`, `config.json`, `history.json` at the end. A NaN/inf loss stops training with the
-step named and the last good checkpoint untouched; SIGTERM (pod pre-emption) writes a
-checkpoint at once and exits with status 143; `resume=True` continues from the checkpoint.
+The model folder (docs/design.md) gets `checkpoint.pt` after every epoch and every
+`checkpoint_minutes` within one (atomically), and `model.pt`, `config.json`, `history.json` at
+the end. A NaN/inf loss stops training with the step named and the last good checkpoint
+untouched; SIGTERM (pod pre-emption, also to the data-loader workers) writes a checkpoint at
+once and exits with status 143; `resume=True` continues from the checkpoint.
 """
 
 from __future__ import annotations
@@ -130,6 +131,35 @@ class StopOnSigterm:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def leave_sigterm_to_the_main_process(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a worker ignores SIGTERM unless its main process sent it.
+
+    In a KFP pod, Argo's emissary sends SIGTERM to the step's whole process group, workers
+    included. torch's worker handler dies of a SIGTERM that its parent did not send, and the
+    main process then fails ("DataLoader worker ... is killed by signal") instead of
+    checkpointing; so SIGTERM stays blocked in the worker (`start_workers` forks it so, and a
+    signal that arrives before this runs waits too) and a thread takes each one: the main
+    process's own (torch and multiprocessing stop a worker with it, also at exit) ends the
+    worker as torch's handler would, anyone else's is dropped. A worker whose main process has
+    gone exits by itself (torch's watchdog checks its parent every few seconds).
+    """
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+                os._exit(0)
+
+    threading.Thread(target=wait, name="cdsp-worker-sigterm", daemon=True).start()
+
+
+def start_workers(loader: DataLoader):
+    """`iter(loader)`, its worker processes forked with SIGTERM blocked (see `leave_sigterm_to_the_main_process`)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can leave out the batches a pre-empted epoch already trained on.
 
@@ -199,6 +229,13 @@ def _check_out_dir(out: Path) -> None:
                         "choose a new --out")
 
 
+def checked_minutes(name: str, minutes: float) -> float:
+    """The timed-checkpoint interval of setting `name`, refused unless >= 0."""
+    if not minutes >= 0:  # also NaN
+        raise CdspError(f"{name}={minutes}: must be >= 0 (minutes between timed checkpoints; 0: epoch ends only)")
+    return minutes
+
+
 # ---------------------------------------------------------------------------- the loop
 
 
@@ -211,18 +248,23 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 def train_one_epoch(net: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, scheduler, loader: DataLoader,
                     device: torch.device, epoch: int, *, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None,
                     step: int = 0, first_batch: int = 0, stop: StopOnSigterm | None = None,
+                    after_step: Callable[[int, int], None] | None = None,
                     show: bool = True) -> tuple[dict[str, float], int]:
     """One pass over `loader` (batches counted from `first_batch` in a resumed epoch) → (mean metrics, step).
 
     Raises NonFiniteLoss before the optimiser touches a NaN/inf loss, Preempted after the step
     in which SIGTERM arrived. Under DDP both are agreed by all ranks (one all-reduce per step).
+    SIGTERM in the epoch's last step lets the epoch end (with `stop.requested` set on every
+    rank): a checkpoint after the last batch would resume into an empty epoch.
+    `after_step(batches done in this epoch, step)` runs after every other step (timed checkpoints).
     """
     net.train()
     distributed = dist.is_available() and dist.is_initialized()
     sums: dict[str, float] = {}
     n_batches = n_images = 0
     start = time.perf_counter()
-    batches = progress(loader, f"epoch {epoch + 1}", total=len(loader), enabled=show)
+    end = first_batch + len(loader)
+    batches = progress(start_workers(loader), f"epoch {epoch + 1}", total=len(loader), enabled=show)
     for i, batch in enumerate(batches, start=first_batch):
         batch = _to(batch, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -247,8 +289,14 @@ def train_one_epoch(net: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Opti
         n_batches += 1
         n_images += batch["image"].shape[0]
         batches.set_postfix(loss=values[0])
+        if i + 1 == end:
+            if values[-1] > 0 and stop is not None:
+                stop.requested = True
+            continue
         if values[-1] > 0:
             raise Preempted(i + 1, step)
+        if after_step is not None:
+            after_step(i + 1, step)
     elapsed = time.perf_counter() - start
     world = dist.get_world_size() if distributed else 1
     metrics = {k: v / max(1, n_batches) for k, v in sums.items()}
@@ -270,11 +318,14 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
         weight_decay: float, warmup_epochs: int, workers: int, amp: bool, device: torch.device, seed: int,
         resume: bool, on_metrics: MetricsCallback | None,
         validate: Callable[[nn.Module, torch.device], float] | None = None,
-        on_checkpoint: Callable[[Path], None] | None = None) -> dict:
+        on_checkpoint: Callable[[Path], None] | None = None, checkpoint_minutes: float = 0.0) -> dict:
     """Train `net` on `dataset` and write the model folder; the shared body of both stages.
 
-    `on_checkpoint(path)` runs after every checkpoint write (on rank 0), e.g. to copy it to
-    storage that outlives the pod, so that a retried pipeline step can resume from it.
+    A checkpoint is written after every epoch, on SIGTERM, and, when `checkpoint_minutes` > 0,
+    within an epoch once that long has passed since the last one (it records the batches done,
+    so `resume` continues mid-epoch). `on_checkpoint(path)` runs after every checkpoint write
+    (on rank 0), e.g. to copy it to storage that outlives the pod, so that a retried pipeline
+    step can resume from it.
     """
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
@@ -291,7 +342,8 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
     optimizer = make_optimizer(optimizer_name, net.parameters(), lr, momentum, weight_decay)
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", drop_last=True)
+                        pin_memory=device.type == "cuda", drop_last=True,
+                        worker_init_fn=leave_sigterm_to_the_main_process)
     if len(loader) == 0:
         raise CdspError(f"{len(dataset)} training images{f' over {world} processes' if world > 1 else ''} do not "
                         f"fill one batch of {batch_size}; lower the batch size")
@@ -325,7 +377,10 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
     ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else net
 
-    def checkpoint(epoch: int, iteration: int) -> None:
+    last_checkpoint = time.monotonic()
+
+    def checkpoint(epoch: int, iteration: int, step: int) -> None:
+        nonlocal last_checkpoint
         if is_main:
             save_checkpoint(ckpt_path, {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -333,6 +388,20 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
                 "history": history, "rng": rng_state(), "arch": arch})
             if on_checkpoint is not None:
                 on_checkpoint(ckpt_path)
+        last_checkpoint = time.monotonic()
+
+    def timed_checkpoint(epoch: int) -> Callable[[int, int], None] | None:
+        """After each step of `epoch`: a checkpoint if `checkpoint_minutes` have passed since the last."""
+        if checkpoint_minutes <= 0:
+            return None
+
+        def after_step(iteration: int, step: int) -> None:
+            if time.monotonic() - last_checkpoint >= checkpoint_minutes * 60:
+                checkpoint(epoch, iteration, step)
+                if is_main:
+                    log.info("timed checkpoint written to %s (epoch %d, batch %d)", ckpt_path, epoch + 1, iteration)
+
+        return after_step
 
     started = time.perf_counter()
     with StopOnSigterm() as stop:
@@ -343,7 +412,7 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
             try:
                 metrics, step = train_one_epoch(ddp, loss_fn, optimizer, scheduler, loader, device, epoch,
                                                 scaler=scaler, amp_dtype=amp_dtype, step=step, first_batch=skip,
-                                                stop=stop, show=is_main)
+                                                stop=stop, after_step=timed_checkpoint(epoch), show=is_main)
             except NonFiniteLoss as e:
                 kept = f"the last good checkpoint {ckpt_path} (epoch {epoch}) is kept" if ckpt_path.exists() \
                     else "no checkpoint was written"
@@ -351,7 +420,7 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
                     from None
             except Preempted as e:
                 step = e.step
-                checkpoint(epoch, e.iteration)
+                checkpoint(epoch, e.iteration, step)
                 log.warning("SIGTERM: checkpoint written to %s (epoch %d, batch %d); exiting, rerun with --resume",
                             ckpt_path, epoch + 1, e.iteration)
                 raise SystemExit(EXIT_PREEMPTED) from None
@@ -360,7 +429,7 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
             if validate is not None:
                 metrics["val_miou"] = validate(net, device)
             history.append(metrics)
-            checkpoint(epoch + 1, 0)
+            checkpoint(epoch + 1, 0, step)
             if is_main:
                 log.info("epoch %d/%d %s", epoch + 1, epochs,
                          " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
@@ -440,7 +509,8 @@ def train_classifier(data_dir: str, out_dir: str, cfg: ClassifierConfig, *, devi
                epochs=cfg.cls_epochs, batch_size=cfg.cls_batch_size, lr=cfg.cls_lr, momentum=CLS_MOMENTUM,
                weight_decay=cfg.cls_weight_decay, warmup_epochs=cfg.cls_warmup_epochs, workers=cfg.cls_workers,
                amp=cfg.cls_amp, device=evaluate.resolve_device(device), seed=seed, resume=resume,
-               on_metrics=on_metrics, on_checkpoint=on_checkpoint)
+               on_metrics=on_metrics, on_checkpoint=on_checkpoint,
+               checkpoint_minutes=checked_minutes("cls_checkpoint_minutes", cfg.cls_checkpoint_minutes))
 
 
 # ---------------------------------------------------------------------------- stage 2: segmenter
@@ -550,7 +620,8 @@ def train_segmenter(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: Se
                momentum=cfg.momentum, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
                workers=cfg.workers, amp=cfg.amp, device=evaluate.resolve_device(cfg.device), seed=cfg.seed,
                resume=resume, on_metrics=on_metrics, validate=_val_miou(val_items, n) if val_items else None,
-               on_checkpoint=on_checkpoint)
+               on_checkpoint=on_checkpoint, checkpoint_minutes=checked_minutes("checkpoint_minutes",
+                                                                              cfg.checkpoint_minutes))
 
 
 def to_flags(cfg) -> list[str]:

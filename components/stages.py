@@ -19,7 +19,7 @@ MODEL_VERSION: Param = ("model_version", "str", "", "registered MLflow model ver
 RUN = [MLFLOW_RUN_ID, PIPELINE_RUN_ID]
 
 # The stage settings each component takes, by config class (and single fields of others).
-PREP_FIELDS = ("data_uri", "scribble_dir", "split_dir", "force_train")
+PREP_FIELDS = ("data_uri", "scribble_dir", "split_dir", "force_train", "cls_gpus", "gpus")
 SHARED_TRAIN_FIELDS = ("device", "seed")
 
 
@@ -33,7 +33,8 @@ def stage_params() -> dict[str, list[Param]]:
 
     A step takes the GPU count it runs with (`gpus`, `cls_gpus`) as an input even where it only
     records it: kfp 2.17 passes a pipeline parameter into a condition's sub-DAG only when some
-    component there takes it, and the accelerator limit needs it there.
+    component there takes it, and the accelerator limit needs it there. Data prep takes both to
+    check them before any GPU step is scheduled.
     """
     return {
         "data_prep": pick(config.PipelineConfig, PREP_FIELDS),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 
 def data_prep_step(prepared, data_report, fingerprint, mlflow_run_id, pipeline_run_id, data_uri, scribble_dir,
-                   split_dir, force_train) -> bool:
+                   split_dir, force_train, cls_gpus, gpus) -> bool:
     import logging
 
     from cdsp_core import prepare, telemetry, tracking
@@ -24,6 +24,7 @@ def data_prep_step(prepared, data_report, fingerprint, mlflow_run_id, pipeline_r
 
     if not data_uri:
         raise CdspError("data_uri is empty: give the dataset root (a local path or s3://bucket/prefix)")
+    gpu_count("cls_gpus", cls_gpus), gpu_count("gpus", gpus)  # checked here, before any GPU step is scheduled
     prom = telemetry.metrics_callback("data_prep", pipeline_run_id or "local")
     manifest = prepare.prepare(data_uri, prepared.path, scribble_dir=scribble_dir, split_dir=split_dir or None,
                                copy=True)
@@ -77,7 +78,7 @@ def train_classifier_step(prepared, classifier, classifier_metrics, mlflow_run_i
     from cdsp_core import checkpoints, train
 
     cfg = config.build(config.ClassifierConfig, None, settings)
-    params = {**config.to_dict(cfg), "device": device, "seed": seed, "cls_gpus": cls_gpus}
+    params = {**config.to_dict(cfg), "device": device, "seed": seed, "cls_gpus": gpu_count("cls_gpus", cls_gpus)}
     # A retried pod resumes from the checkpoint mirrored under this pipeline run (cdsp_core/checkpoints.py).
     mirror = checkpoints.for_stage(pipeline_run_id, "train_classifier", params, data_dir=prepared.path)
     resume = mirror.restore(classifier.path)
@@ -97,7 +98,7 @@ def pseudo_label_step(prepared, classifier, pseudo_labels, pseudo_metrics, mlflo
     cfg = config.build(config.PseudoLabelConfig, None, settings)
     summary = run_stage(mlflow_run_id, pipeline_run_id, "pseudo_label",
                         {**config.to_dict(cfg), "external_pseudo_uri": external_pseudo_uri, "device": device,
-                         "cls_gpus": cls_gpus},
+                         "cls_gpus": gpu_count("cls_gpus", cls_gpus)},
                         lambda on_metrics: pseudolabel.pseudo_label(
                             prepared.path, pseudo_labels.path, cfg, device=device,
                             classifier_dir=None if external_pseudo_uri else classifier.path,
@@ -113,6 +114,7 @@ def train_segmenter_step(prepared, pseudo_labels, model, train_metrics, mlflow_r
     from cdsp_core import checkpoints, config, tracking, train
 
     cfg = config.build(config.SegTrainConfig, None, settings)
+    gpus = gpu_count("gpus", gpus)
     params = {**config.to_dict(cfg), "gpus": gpus}
     # A retried pod resumes from the checkpoint mirrored under this pipeline run (cdsp_core/checkpoints.py).
     mirror = checkpoints.for_stage(pipeline_run_id, "train_segmenter", params, data_dir=prepared.path)
@@ -179,7 +181,7 @@ def evaluate_step(prepared, model, metrics, report, evaluation, mlflow_run_id, p
             champion_miou=champion_miou))
         return {"promoted": float(outcome["decision"]["promoted"])}  # the rest went with log_evaluation
 
-    params = {**config.to_dict(cfg), "device": device, "cls_gpus": cls_gpus}
+    params = {**config.to_dict(cfg), "device": device, "cls_gpus": gpu_count("cls_gpus", cls_gpus)}
     run_stage(mlflow_run_id, pipeline_run_id, "evaluate", params, evaluate_and_decide)
     result, decision = outcome["result"], outcome["decision"]
     kfp_metrics(metrics, {**{k: result[k] for k in ("miou", "pixel_acc")},
@@ -187,6 +189,17 @@ def evaluate_step(prepared, model, metrics, report, evaluation, mlflow_run_id, p
                           "promoted": float(decision["promoted"])})
     html_report(report.path, result, decision, Path(evaluation.path) / "overlays")
     return bool(decision["promoted"])
+
+
+def gpu_count(name, value) -> int:
+    """A GPU count parameter (a string, the form KFP's driver makes a limit of) as a number."""
+    import re
+
+    from cdsp_core.errors import CdspError
+
+    if not re.fullmatch(r"[0-9]+", str(value)):
+        raise CdspError(f"{name}={value!r}: not a GPU count; give a whole number, e.g. {name}=1 (0: no GPU)")
+    return int(value)
 
 
 def run_stage(mlflow_run_id, pipeline_run_id, stage, params, work):
@@ -240,4 +253,4 @@ def html_report(path, result, decision, overlays) -> None:
         "</body></html>\n"))
 
 
-HELPERS = [run_stage, kfp_metrics, html_report]
+HELPERS = [gpu_count, run_stage, kfp_metrics, html_report]

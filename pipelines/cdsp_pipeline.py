@@ -8,7 +8,7 @@ model to champion only if its val mIoU beats the champion's.
 Every stage setting of `cdsp_core.config` is a pipeline parameter (the signature is derived
 from the dataclasses, see `pipeline_params`). Cluster settings (images, pipeline root, secret
 names, resources) are fixed at compile time from CDSP_<NAME> environment variables (see
-`config.ClusterConfig`):
+`config.ClusterConfig`; what each step's pod gets: `step_resources`):
 
     python -m pipelines.cdsp_pipeline --out build/cdsp_pipeline.yaml
 """
@@ -16,16 +16,25 @@ names, resources) are fixed at compile time from CDSP_<NAME> environment variabl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import os
+import re
+import sys
 
 from kfp import compiler, dsl, kubernetes
 
 from cdsp_core import config
+from cdsp_core.errors import CdspError
 from components import stages
 from components.codegen import Param, config_params
 
 PIPELINE_NAME = "cdsp"
+# The five steps (KFP task names) and their display names.
+STEPS = {"data-prep": "data prep", "train-classifier": "classifier", "pseudo-label": "pseudo-labels",
+         "train-segmenter": "segmentation training", "evaluate": "evaluation"}
+MEMORY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+                "Ti": 2**40}
 
 
 def cluster_settings(env: dict[str, str] | None = None) -> config.ClusterConfig:
@@ -33,10 +42,70 @@ def cluster_settings(env: dict[str, str] | None = None) -> config.ClusterConfig:
     env = os.environ if env is None else env
     values = {}
     for f in config.fields_of(config.ClusterConfig):
-        raw = env.get(f"CDSP_{f.name.upper()}")
-        if raw:
-            values[f.name] = int(raw) if f.type in ("int", int) else raw
+        name = f"CDSP_{f.name.upper()}"
+        raw = env.get(name)
+        if raw and f.type in ("int", int):
+            if not re.fullmatch(r"[0-9]+", raw):
+                raise CdspError(f"{name}={raw!r}: not a whole number")
+            values[f.name] = int(raw)
+        elif raw:
+            values[f.name] = raw
     return config.build(config.ClusterConfig, None, values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What one step's pod gets."""
+
+    cpu: str  # CPU request (no limit: a limit only throttles)
+    memory: str  # memory request and limit: equal, so it never holds more than its node set aside for it
+    shm: str = ""  # size of its memory-backed /dev/shm, which is part of `memory` ("": none, the 64 MB default)
+    gpus: str = ""  # the pipeline parameter with its GPU count ("": no GPU)
+
+
+def memory_bytes(setting: str, value: str) -> int:
+    """A Kubernetes memory quantity (16Gi, 500M, ...) in bytes; a clear error naming the CDSP_ setting."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", value)
+    if not m:
+        raise CdspError(f"CDSP_{setting.upper()}={value!r}: not a memory quantity (e.g. 16Gi, 48Gi, 512Mi)")
+    return int(float(m[1]) * MEMORY_UNITS[m[2] or ""])
+
+
+def memory_text(n: int) -> str:
+    return next(f"{n // MEMORY_UNITS[u]}{u}" for u in ("Ti", "Gi", "Mi", "Ki", "") if n % MEMORY_UNITS[u] == 0)
+
+
+def step_resources(cluster: config.ClusterConfig) -> dict[str, Resources]:
+    """Each step's pod, by task name: the one place its resources are derived from `cluster`.
+
+    /dev/shm is a memory-backed emptyDir, so what is in it counts against the pod's memory
+    limit: it is sized as `shm_percent` of that limit, so the step's processes keep the rest.
+    Only the training steps get one: their data-loader workers pass batches through it (and
+    NCCL, under DDP). Data prep, pseudo-labels and evaluation run in one process.
+    """
+    if not 0 < cluster.shm_percent < 100:
+        raise CdspError(f"CDSP_SHM_PERCENT={cluster.shm_percent}: a share of the memory limit, 1 to 99")
+
+    def shm(setting: str) -> str:
+        share = memory_bytes(setting, getattr(cluster, setting)) * cluster.shm_percent // 100
+        return memory_text(share // 2**20 * 2**20)  # whole MiB, rounded down
+
+    step = dict(cpu=cluster.step_cpu, memory=cluster.step_memory)
+    return {"data-prep": Resources(**step),
+            "train-classifier": Resources(**step, shm=shm("step_memory"), gpus="cls_gpus"),
+            "pseudo-label": Resources(**step, gpus="cls_gpus"),
+            "train-segmenter": Resources(cluster.seg_cpu, cluster.seg_memory, shm=shm("seg_memory"), gpus="gpus"),
+            "evaluate": Resources(**step, gpus="cls_gpus")}
+
+
+def resource_table(cluster: config.ClusterConfig) -> str:
+    """`step_resources` as the Markdown table of the README."""
+    rows = ["| step | CPU request | memory request = limit | of which /dev/shm | GPUs (`nvidia.com/gpu` limit) |",
+            "| --- | --- | --- | --- | --- |"]
+    for task, res in step_resources(cluster).items():
+        rows.append(f"| {STEPS[task]} | {res.cpu} | {res.memory} | {res.shm or '-'} | "
+                    f"{f'`{res.gpus}`' if res.gpus else '-'} |")
+    return "\n".join(rows) + "\n"
 
 
 def pipeline_params() -> list[Param]:
@@ -49,17 +118,22 @@ def pipeline_params() -> list[Param]:
     return params
 
 
-def configure(task: dsl.PipelineTask, cluster: config.ClusterConfig, *, cpu: str, memory: str, cache: bool,
-              gpus: dsl.PipelineChannel | None = None, shm: bool = False) -> dsl.PipelineTask:
-    """Resources, retries, caching and credentials of one step."""
+def configure(task: dsl.PipelineTask, cluster: config.ClusterConfig, res: Resources, *, cache: bool,
+              gpus: dsl.PipelineChannel | None = None) -> dsl.PipelineTask:
+    """Resources (`res`, GPUs from the parameter `gpus`), retries, caching and credentials of one step."""
     task.set_retry(cluster.retries, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="3600s")
     task.set_caching_options(cache)
-    task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+    task.set_cpu_request(res.cpu).set_memory_request(res.memory).set_memory_limit(res.memory)
     if gpus is not None:
+        # KFP's driver reads a parameterised accelerator count as a string: for a number parameter
+        # it gets "" and sets no limit, silently (resolvePodSpecInputRuntimeParameter in
+        # kubeflow/pipelines backend/src/v2/driver/resolve.go, used by driver.go's initPodSpecPatch).
+        if gpus.channel_type != "String":
+            raise TypeError(f"{gpus.name}: a GPU count parameter must be a string for KFP's driver")
         task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(gpus)
-    if shm:  # PyTorch data-loader workers share batches through /dev/shm, 64 MB by default in a pod
+    if res.shm:  # PyTorch data-loader workers share batches through /dev/shm, 64 MB by default in a pod
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                                   size_limit=cluster.shm_size)
+                                   size_limit=res.shm)
     # Credentials only ever come from Kubernetes secrets, by name: never parameters, never in the YAML.
     kubernetes.use_secret_as_env(task, cluster.s3_secret,
                                  {k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
@@ -82,6 +156,7 @@ def mirror_checkpoints(task: dsl.PipelineTask, cluster: config.ClusterConfig) ->
 def build_pipeline(cluster: config.ClusterConfig | None = None):
     """The pipeline (a kfp GraphComponent) for these cluster settings."""
     cluster = cluster or cluster_settings()
+    resources = step_resources(cluster)
     components = stages.build(cluster.image, cluster.cuda_image)
     per_stage = stages.stage_params()
     params = pipeline_params()
@@ -93,11 +168,15 @@ def build_pipeline(cluster: config.ClusterConfig | None = None):
         def settings(stage: str) -> dict:
             return {name: p[name] for name, *_ in per_stage[stage]}
 
-        step = dict(cpu=cluster.step_cpu, memory=cluster.step_memory)
+        def place(task: dsl.PipelineTask, name: str, cache: bool) -> dsl.PipelineTask:
+            res = resources[name]
+            return configure(task.set_display_name(STEPS[name]), cluster, res, cache=cache,
+                             gpus=p[res.gpus] if res.gpus else None)
+
         run = dict(pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-        prep = components["data_prep"](**run, **settings("data_prep")).set_display_name("data prep")
+        prep = components["data_prep"](**run, **settings("data_prep"))
         # Never cached: the data under data_uri may change while the URI stays the same.
-        configure(prep, cluster, **step, cache=False)
+        place(prep, "data-prep", cache=False)
         prepared = prep.outputs["prepared"]
         run["mlflow_run_id"] = prep.outputs["mlflow_run_id"]
 
@@ -108,27 +187,23 @@ def build_pipeline(cluster: config.ClusterConfig | None = None):
                 prepared=prepared, **run, **settings("train_classifier"))
             # Training and CAMs are seeded functions of their inputs: a cache hit (same input
             # artifacts and settings) is as good as running them again.
-            configure(classifier.set_display_name("classifier"), cluster, **step, cache=True,
-                      gpus=p["cls_gpus"], shm=True)
+            place(classifier, "train-classifier", cache=True)
             mirror_checkpoints(classifier, cluster)
             pseudo = components["pseudo_label"](
                 prepared=prepared, classifier=classifier.outputs["classifier"], **run,
                 **settings("pseudo_label"))
-            configure(pseudo.set_display_name("pseudo-labels"), cluster, **step, cache=True,
-                      gpus=p["cls_gpus"], shm=True)
+            place(pseudo, "pseudo-label", cache=True)
             segmenter = components["train_segmenter"](
                 prepared=prepared, pseudo_labels=pseudo.outputs["pseudo_labels"], **run,
                 **settings("train_segmenter"))
-            configure(segmenter.set_display_name("segmentation training"), cluster, cpu=cluster.seg_cpu,
-                      memory=cluster.seg_memory, cache=True, gpus=p["gpus"], shm=True)
+            place(segmenter, "train-segmenter", cache=True)
             mirror_checkpoints(segmenter, cluster)
             evaluation = components["evaluate"](
                 prepared=prepared, model=segmenter.outputs["model"], **run,
                 fingerprint=prep.outputs["fingerprint"], model_version=segmenter.outputs["Output"],
                 **settings("evaluate"))
             # Not cached: promotion compares with whichever model is champion now.
-            configure(evaluation.set_display_name("evaluation"), cluster, **step, cache=False,
-                      gpus=p["cls_gpus"], shm=True)
+            place(evaluation, "evaluate", cache=False)
 
     cdsp.__signature__ = inspect.Signature([
         inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ann_type(ann), default=default)
@@ -162,8 +237,12 @@ def main(argv: list[str] | None = None) -> int:
                                          f"CDSP_{f.name.upper()}" for f in config.fields_of(config.ClusterConfig)))
     parser.add_argument("--out", default="build/cdsp_pipeline.yaml", help="output YAML file")
     args = parser.parse_args(argv)
-    cluster = cluster_settings()
-    compile_pipeline(args.out, cluster)
+    try:
+        cluster = cluster_settings()
+        compile_pipeline(args.out, cluster)
+    except CdspError as e:
+        print(f"pipelines.cdsp_pipeline: error: {e}", file=sys.stderr)
+        return 2
     print(f"compiled {args.out} (images {cluster.image}, {cluster.cuda_image}; pipeline root {cluster.pipeline_root})")
     return 0
 

@@ -47,7 +47,7 @@ tracking.MODEL_NAME = a["model_name"]
 version = steps.train_segmenter_step(
     prepared=dsl.Dataset(name="prepared", uri=a["data"]), pseudo_labels=dsl.Dataset(name="pseudo", uri=a["pseudo"]),
     model=dsl.Model(name="model", uri=a["out"]), train_metrics=dsl.Metrics(name="train_metrics", uri=a["metrics"]),
-    mlflow_run_id=a["mlflow_run_id"], pipeline_run_id=a["pipeline_run_id"], gpus=1, **a["settings"])
+    mlflow_run_id=a["mlflow_run_id"], pipeline_run_id=a["pipeline_run_id"], gpus="1", **a["settings"])
 print("registered version", version)
 """
 

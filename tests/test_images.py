@@ -68,7 +68,8 @@ def test_pinned_base_non_root_user_and_pinned_torch(kind):
     image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base[0])
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", image), image  # exact patch release
     users = [rest for word, rest in steps if word == "USER"]
-    assert users and users[-1].split(":")[0] not in ("root", "0")
+    # numeric, so that a kubelet asked for runAsNonRoot can verify it (KFP step pods rely on it: docs/reliability.md)
+    assert users and re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", users[-1]), users
     assert args["TORCH_VERSION"] == metadata.version("torch").split("+")[0]  # the tested torch
     runs = " ".join(rest for word, rest in steps if word == "RUN")
     assert "-c images/constraints.txt" in runs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import yaml
 from kfp import components
 
 from cdsp_core import config
+from cdsp_core.errors import CdspError
 from pipelines import cdsp_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,3 +157,139 @@ def test_training_steps_know_where_to_mirror_their_checkpoints(compiled, tmp_pat
     spec = next(yaml.safe_load_all(path.read_text()))
     seg_env = spec["deploymentSpec"]["executors"]["exec-train-segmenter"]["container"]["env"]
     assert {"name": "CDSP_CHECKPOINT_ROOT", "value": "s3://ckpt-bucket/cdsp"} in seg_env
+
+
+# ---------------------------------------------------------------------------- GPUs as KFP's driver applies them
+
+# KFP's driver makes `resources.accelerator.resourceCount` ("{{$.inputs.parameters['<name>']}}")
+# a pod limit only when that parameter holds a *string* value: resolvePodSpecInputRuntimeParameter
+# (kubeflow/pipelines, backend/src/v2/driver/resolve.go) returns val.GetStringValue(), which is ""
+# for a number, and initPodSpecPatch (driver.go) then sets no limit, silently. The API server keeps
+# a run argument in its parameter's declared type (it refuses any other), a DAG's STRING input
+# turns other values into text, and the task's `pipelinechannel--*` inputs are passed on as they
+# are. `driver_gpu_limit` follows that chain through the compiled YAML.
+PLACEHOLDER = re.compile(r"\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}")
+GPU_STEPS = {"train-classifier": "cls_gpus", "pseudo-label": "cls_gpus", "train-segmenter": "gpus",
+             "evaluate": "cls_gpus"}
+
+
+def driver_gpu_limit(ir: dict, task: str, arguments: dict) -> str | None:
+    """The accelerator limit KFP's driver puts on `task`'s pod for these run arguments (None: no limit)."""
+    executor = ir["deploymentSpec"]["executors"][f"exec-{task}"]["container"]
+    count = executor.get("resources", {}).get("accelerator", {}).get("resourceCount")
+    if count is None:
+        return None
+    name = PLACEHOLDER.fullmatch(count)[1]
+    dags = {"root": ir["root"], **{k: v for k, v in ir["components"].items() if "dag" in v}}
+    # from the task up to the root: the input of each enclosing DAG that feeds the parameter
+    inputs, component = [], f"comp-{task}"
+    while component != "root":
+        dag, tasks = next((d, spec["dag"]["tasks"]) for d, spec in dags.items()
+                          if any(t["componentRef"]["name"] == component for t in spec["dag"]["tasks"].values()))
+        binding = next(t for t in tasks.values() if t["componentRef"]["name"] == component)["inputs"]["parameters"]
+        name = binding[name]["componentInputParameter"]
+        inputs.append((dag, name, dags[dag]["inputDefinitions"]["parameters"][name]))
+        component = dag
+    _, root_name, root_spec = inputs.pop()
+    value = arguments.get(root_name, root_spec.get("defaultValue"))
+    value = value if root_spec["parameterType"] == "STRING" else float(value)  # the kind the API server accepts
+    for _, _, spec in reversed(inputs):  # down the enclosing DAGs: a STRING input turns a value into text
+        if spec["parameterType"] == "STRING" and not isinstance(value, str):
+            value = f"{value:g}"
+    return (value if isinstance(value, str) else "") or None  # GetStringValue(); "" sets no limit
+
+
+def test_every_gpu_step_requests_its_gpus_in_the_form_the_driver_applies(compiled, tmp_path):
+    _, _, ir = compiled
+    executors = ir["deploymentSpec"]["executors"]
+    for task, param in GPU_STEPS.items():
+        accelerator = executors[f"exec-{task}"]["container"]["resources"]["accelerator"]
+        assert accelerator["resourceType"] == "nvidia.com/gpu", task
+        assert PLACEHOLDER.fullmatch(accelerator["resourceCount"]), task
+        assert ir["root"]["inputDefinitions"]["parameters"][param]["parameterType"] == "STRING", param
+        assert driver_gpu_limit(ir, task, {}) == "1", task  # the defaults
+    assert "accelerator" not in executors["exec-data-prep"]["container"]["resources"]
+    assert driver_gpu_limit(ir, "train-segmenter", {"gpus": "2"}) == "2"
+    assert {t: driver_gpu_limit(ir, t, {"gpus": "2", "cls_gpus": "0"}) for t in GPU_STEPS} == {
+        "train-classifier": "0", "pseudo-label": "0", "train-segmenter": "2", "evaluate": "0"}
+
+    # what the pipeline did before: an integer parameter as the limit compiles the same way, and
+    # the driver sets no limit for it
+    from kfp import compiler, dsl
+
+    def step(gpus: int) -> int:
+        return gpus
+
+    def numbers(gpus: int = 2):
+        component(gpus=gpus).set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
+
+    # real types for kfp (this module's `from __future__ import annotations` leaves it strings)
+    step.__annotations__, numbers.__annotations__ = {"gpus": int, "return": int}, {"gpus": int}
+    component = dsl.component(step, base_image="python:3.11")
+    numbers = dsl.pipeline(numbers)
+
+    compiler.Compiler().compile(numbers, str(tmp_path / "numbers.yaml"))
+    old = yaml.safe_load(open(tmp_path / "numbers.yaml"))
+    assert PLACEHOLDER.fullmatch(old["deploymentSpec"]["executors"]["exec-step"]["container"]["resources"]
+                                 ["accelerator"]["resourceCount"])
+    assert driver_gpu_limit(old, "step", {}) is None
+
+
+def test_a_gpu_count_that_is_not_a_whole_number_stops_data_prep_before_any_gpu_step():
+    from components import steps
+
+    assert steps.gpu_count("gpus", "2") == 2 and steps.gpu_count("cls_gpus", "0") == 0
+    for value in ("two", "1.5", "", " 2", "-1"):  # what the driver would refuse, or make no limit of
+        with pytest.raises(CdspError, match=f"^gpus={re.escape(repr(value))}: not a GPU count; give a whole number"):
+            steps.data_prep_step(prepared=None, data_report=None, fingerprint=None, mlflow_run_id=None,
+                                 pipeline_run_id="run-1", data_uri="s3://data/voc", scribble_dir="s", split_dir="",
+                                 force_train=False, cls_gpus="1", gpus=value)
+
+
+# ---------------------------------------------------------------------------- memory and /dev/shm
+
+
+def test_every_pod_has_memory_request_equal_limit_and_its_shm_inside_the_limit(compiled):
+    _, _, ir = compiled
+    executors = ir["deploymentSpec"]["executors"]
+    k8s = ir["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    # the defaults (the fixture sets no resource variable): shm is 25% of the limit, where workers use it
+    want = {"data-prep": ("4", "16Gi", None), "train-classifier": ("4", "16Gi", "4Gi"),
+            "pseudo-label": ("4", "16Gi", None), "train-segmenter": ("8", "48Gi", "12Gi"),
+            "evaluate": ("4", "16Gi", None)}
+    assert set(want) == TASKS
+    for task, (cpu, memory, shm) in want.items():
+        res = executors[f"exec-{task}"]["container"]["resources"]
+        assert (res["resourceCpuRequest"], res["resourceMemoryRequest"], res["resourceMemoryLimit"]) == \
+            (cpu, memory, memory), task
+        mounts = k8s[f"exec-{task}"].get("emptyDirMounts", [])
+        assert [m["sizeLimit"] for m in mounts] == ([shm] if shm else []), task
+        if shm:
+            assert mounts[0]["mountPath"] == "/dev/shm" and mounts[0]["medium"] == "Memory"
+            limit = cdsp_pipeline.memory_bytes("memory", res["resourceMemoryLimit"])
+            assert cdsp_pipeline.memory_bytes("shm", shm) == limit * config.ClusterConfig().shm_percent // 100
+
+
+def test_resources_follow_the_cluster_settings_and_bad_ones_are_named():
+    cluster = cdsp_pipeline.cluster_settings({"CDSP_SEG_MEMORY": "60Gi", "CDSP_SHM_PERCENT": "10",
+                                              "CDSP_STEP_MEMORY": "1500M"})
+    res = cdsp_pipeline.step_resources(cluster)
+    assert (res["train-segmenter"].memory, res["train-segmenter"].shm) == ("60Gi", "6Gi")
+    assert (res["train-classifier"].memory, res["train-classifier"].shm) == ("1500M", "143Mi")  # whole MiB, down
+    assert res["pseudo-label"].shm == res["evaluate"].shm == res["data-prep"].shm == ""
+    for env, message in [({"CDSP_SHM_PERCENT": "100"}, "CDSP_SHM_PERCENT=100: a share of the memory limit, 1 to 99"),
+                         ({"CDSP_SEG_MEMORY": "48GB"}, "CDSP_SEG_MEMORY='48GB': not a memory quantity"),
+                         ({"CDSP_RETRIES": "two"}, "CDSP_RETRIES='two': not a whole number")]:
+        with pytest.raises(CdspError) as err:
+            cdsp_pipeline.step_resources(cdsp_pipeline.cluster_settings(env))
+        assert str(err.value).startswith(message), (env, str(err.value))
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cdsp_pipeline", "--out", "/nonexistent/p.yaml"], cwd=REPO,
+                          env={**os.environ, "CDSP_STEP_MEMORY": "lots"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["pipelines.cdsp_pipeline: error: CDSP_STEP_MEMORY='lots': not a memory "
+                                        "quantity (e.g. 16Gi, 48Gi, 512Mi)"]
+
+
+def test_the_readme_states_the_resources_each_step_gets():
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    assert cdsp_pipeline.resource_table(config.ClusterConfig()) in readme
