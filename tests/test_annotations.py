@@ -184,6 +184,8 @@ BILLION_LAUGHS = ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENT
     (BILLION_LAUGHS, r"not a readable XML file: DTDForbidden"),
     ("<annotations>" + "<a>" * 40 + "</a>" * 40 + "</annotations>", r"nested deeper than 32 levels"),
     ("<html><body/></html>", r"root element <html>, not <annotations>"),
+    (cvat_xml([("a.jpg", (4, 4), ['<polygon label="cat" points="0,0;3,0;3,3" z_order="0"></polygon>'])]),
+     r"no scribbles to convert \(CVAT: polylines or points"),
     (cvat_xml([("a.jpg", (4, 4), ['<points points="1,1"></points>'])]),
      r"image 'a.jpg': shape 1 \(<points>\): no label"),
 ])
