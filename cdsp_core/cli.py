@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = (
     "cdsp_core.train",
     "cdsp_core.pseudolabel",
     "cdsp_core.evaluate",
+    "cdsp_core.suggest",
     "cdsp_core.bench",
 )
 

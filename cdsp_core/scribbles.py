@@ -1,5 +1,9 @@
-"""Scribble files: ScribbleSup XML to PNG (`cdsp convert-scribbles`) and the scribble-quality
+"""Scribble files: annotators' scribbles to PNG (`cdsp convert-scribbles`) and the scribble-quality
 variants drop/shrink (`cdsp degrade-scribbles`).
+
+`convert-scribbles --format` reads ScribbleSup XML (below), a CVAT for images 1.1 export or a
+Label Studio JSON export (`cdsp_core.annotations` reads those two); all three are painted the
+same way by `paint`.
 
 A ScribbleSup XML file holds `annotation/size/{width,height}` and `annotation/polygon`
 elements, each a stroke with a `tag` (the class name) and `point`s with `X`, `Y` (0-based
@@ -21,6 +25,7 @@ import os
 import re
 import xml.etree.ElementTree as ET
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +33,15 @@ from PIL import Image, ImageDraw
 from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 
-from cdsp_core import data
+from cdsp_core import annotations, data
 from cdsp_core.data import IGNORE
 from cdsp_core.errors import CdspError
 
 log = logging.getLogger(__name__)
 
 LINE_WIDTH = 3
+FORMATS = ("scribblesup", "cvat", "labelstudio")
+CONVERT_MARKER = "convert-scribbles.json"
 EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity
 
 
@@ -82,8 +89,7 @@ def xml_to_scribble(xml_path: str | os.PathLike, classes: list[str],
         raise CdspError(f"{path}: invalid size {width}x{height}")
 
     index = {_normalise(c): i for i, c in enumerate(classes)}
-    canvas = Image.new("L", (width, height), IGNORE)
-    draw = ImageDraw.Draw(canvas)
+    marks = []
     for n, polygon in enumerate(root.iter("polygon"), start=1):
         tag = (polygon.findtext("tag") or "").strip()
         if _normalise(tag) not in index:
@@ -92,12 +98,27 @@ def xml_to_scribble(xml_path: str | os.PathLike, classes: list[str],
         points = [(min(max(round(_number(p.find("X"), f"polygon {n} point X", path)), 0), width - 1),
                    min(max(round(_number(p.find("Y"), f"polygon {n} point Y", path)), 0), height - 1))
                   for p in polygon.iter("point")]
-        value = index[_normalise(tag)]
-        if len(points) == 1:  # a dab: a width-3 square
-            (x, y), r = points[0], LINE_WIDTH // 2
+        marks.append((index[_normalise(tag)], points))
+    return paint((width, height), marks)
+
+
+def paint(size: tuple[int, int], marks: Iterable[tuple[int, list[tuple[int, int]] | np.ndarray]]) -> np.ndarray:
+    """A uint8 H×W scribble map (255 elsewhere) of (class, mark) pairs, later marks over earlier ones.
+
+    A mark is a list of pixel points inside the image (one point: a width-3 dab; more: width-3
+    lines joining them) or a boolean H×W mask (a brush stroke, painted as it is).
+    """
+    width, height = size
+    canvas = Image.new("L", (width, height), IGNORE)
+    draw = ImageDraw.Draw(canvas)
+    for value, mark in marks:
+        if isinstance(mark, np.ndarray):
+            canvas.paste(value, (0, 0, width, height), Image.fromarray(mark.astype(np.uint8) * 255))
+        elif len(mark) == 1:  # a dab: a width-3 square
+            (x, y), r = mark[0], LINE_WIDTH // 2
             draw.rectangle([x - r, y - r, x + r, y + r], fill=value)
-        elif points:
-            draw.line(points, fill=value, width=LINE_WIDTH, joint="curve")
+        elif mark:
+            draw.line(mark, fill=value, width=LINE_WIDTH, joint="curve")
     return np.array(canvas, dtype=np.uint8)
 
 
@@ -109,7 +130,7 @@ def convert_scribbles(xml_dir: str | os.PathLike, image_dir: str | os.PathLike, 
     xml_files = sorted(xml_dir.glob("*.xml"))
     if not xml_files:
         raise CdspError(f"{xml_dir}: no .xml files found")
-    with data.new_output_dir(out_dir, "convert-scribbles.json") as tmp:
+    with data.new_output_dir(out_dir, CONVERT_MARKER) as tmp:
         for xml_path in xml_files:
             image = next((p for ext in data.IMAGE_EXTS if (p := image_dir / (xml_path.stem + ext)).is_file()), None)
             if image is None:
@@ -118,9 +139,62 @@ def convert_scribbles(xml_dir: str | os.PathLike, image_dir: str | os.PathLike, 
             Image.fromarray(scribble).save(tmp / f"{xml_path.stem}.png")
         provenance = {"xml_dir": str(xml_dir), "image_dir": str(image_dir), "classes": classes,
                       "count": len(xml_files)}
-        (tmp / "convert-scribbles.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+        (tmp / CONVERT_MARKER).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     log.info("converted %d ScribbleSup XML files to %s", len(xml_files), out_dir)
     return len(xml_files)
+
+
+def convert_export(fmt: str, export: str | os.PathLike, out_dir: str | os.PathLike,
+                   classes_file: str | os.PathLike | None = None, image_dir: str | os.PathLike | None = None) -> int:
+    """A CVAT ("cvat") or Label Studio ("labelstudio") export to `out_dir/<id>.png`; returns the number written.
+
+    Images with nothing to paint (not annotated yet, or only shapes that are not scribbles) get
+    no PNG; they are listed in the provenance file. With `image_dir`, every painted image must
+    be there (`<id>.jpg` or another image suffix) with the export's size.
+    """
+    readers = {"cvat": annotations.read_cvat, "labelstudio": annotations.read_labelstudio}
+    if fmt not in readers:
+        raise CdspError(f"unknown export format {fmt!r} (use {', '.join(readers)})")
+    export, image_dir = Path(export), Path(image_dir) if image_dir else None
+    classes = data.read_class_file(classes_file) if classes_file else list(data.VOC_CLASSES)
+    index = {_normalise(c): i for i, c in enumerate(classes)}
+    names: dict[str, str] = {}
+    written, unannotated, warnings = [], [], []
+    with data.new_output_dir(out_dir, CONVERT_MARKER) as tmp:
+        for image in readers[fmt](export):
+            where = f"{export}: image {image.name!r}"
+            if image.id in names:
+                raise CdspError(f"{where}: image {names[image.id]!r} has the same id {image.id!r}; "
+                                "image file names must be unique")
+            names[image.id] = image.name
+            for w in image.warnings:
+                log.warning("%s: %s", where, w)
+                warnings.append(f"{image.name}: {w}")
+            if not image.marks:
+                unannotated.append(image.id)
+                continue
+            unknown = next((m.label for m in image.marks if _normalise(m.label) not in index), None)
+            if unknown is not None:
+                raise CdspError(f"{where}: label {unknown!r} is not a class (known: {', '.join(classes)}); "
+                                "pass --classes with it")
+            if image_dir is not None:
+                path = next((p for ext in data.IMAGE_EXTS if (p := image_dir / (image.id + ext)).is_file()), None)
+                if path is None:
+                    raise CdspError(f"{where}: no image {image.id}.jpg in {image_dir}")
+                if data.image_size(path) != image.size:
+                    w, h = data.image_size(path)
+                    raise CdspError(f"{where}: size {image.size[0]}x{image.size[1]} differs from {path}'s {w}x{h}")
+            scribble = paint(image.size, [(index[_normalise(m.label)], m.points) for m in image.marks])
+            Image.fromarray(scribble).save(tmp / f"{image.id}.png")
+            written.append(image.id)
+        if not written:
+            raise CdspError(f"{export}: no scribbles to convert (CVAT: polylines or points; Label Studio: "
+                            "brushlabels or keypointlabels)")
+        provenance = {"format": fmt, "export": str(export), "image_dir": str(image_dir or ""), "classes": classes,
+                      "count": len(written), "unannotated": unannotated, "warnings": warnings}
+        (tmp / CONVERT_MARKER).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    log.info("converted %d %s images to %s (%d without scribbles)", len(written), fmt, out_dir, len(unannotated))
+    return len(written)
 
 
 # ---------------------------------------------------------------------------------------
@@ -218,11 +292,18 @@ def degrade_dir(scribble_dir: str | os.PathLike, out_dir: str | os.PathLike, mod
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("convert-scribbles", help="ScribbleSup XML files to scribble PNGs",
-                              description="Rasterise ScribbleSup XML scribbles (line width 3, later strokes "
-                                          "over earlier ones, 255 elsewhere) to mode-L PNGs.")
-    p.add_argument("--xml-dir", required=True, help="folder of <id>.xml files")
-    p.add_argument("--image-dir", required=True, help="folder of the <id>.jpg images (gives each size)")
+    p = subparsers.add_parser("convert-scribbles", help="ScribbleSup XML, CVAT or Label Studio scribbles to PNGs",
+                              description="Rasterise scribbles (line width 3, later strokes over earlier ones, "
+                                          "255 elsewhere) to mode-L PNGs named after the images.")
+    p.add_argument("--format", default="scribblesup", choices=FORMATS,
+                   help="scribblesup: a folder of ScribbleSup XML files (--xml-dir); cvat: a CVAT for images 1.1 "
+                        "export, annotations.xml or its zip (--export); labelstudio: a Label Studio JSON export "
+                        "(--export). Default: scribblesup")
+    p.add_argument("--xml-dir", default=None, help="scribblesup: folder of <id>.xml files")
+    p.add_argument("--export", default=None, help="cvat: annotations.xml, its folder or the export zip; "
+                                                  "labelstudio: the JSON export file")
+    p.add_argument("--image-dir", default=None, help="folder of the <id>.jpg images: gives each size (scribblesup, "
+                                                     "required) or checks it (cvat, labelstudio)")
     p.add_argument("--out", required=True, help="output folder of <id>.png scribbles")
     p.add_argument("--classes", default=None,
                    help="class list: labelmap.txt or classes.txt (default: the 21 VOC classes)")
@@ -241,8 +322,16 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> None:
-    n = convert_scribbles(args.xml_dir, args.image_dir, args.out, args.classes)
-    print(f"converted {n} XML files to {args.out}")
+    if args.format == "scribblesup":
+        if args.export or not (args.xml_dir and args.image_dir):
+            raise CdspError("--format scribblesup reads --xml-dir and --image-dir (not --export)")
+        n = convert_scribbles(args.xml_dir, args.image_dir, args.out, args.classes)
+        print(f"converted {n} XML files to {args.out}")
+        return
+    if args.xml_dir or not args.export:
+        raise CdspError(f"--format {args.format} reads --export (not --xml-dir)")
+    n = convert_export(args.format, args.export, args.out, args.classes, args.image_dir)
+    print(f"converted {n} {args.format} images to {args.out}")
 
 
 def _run_degrade(args: argparse.Namespace) -> None:
