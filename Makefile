@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_DIR ?= build/demo
 
-.PHONY: install test lint demo pipeline submit images bench mlflow-ui clean
+.PHONY: install test lint components demo pipeline submit images bench mlflow-ui clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,12 @@ test-services:
 test: install test-services
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+# The typed component functions (components/stages.py) and the pipeline's parameters
+# (pipelines/parameters.py), written from cdsp_core/config.py; run after changing a setting there
+# (tests/test_components.py fails until then).
+components: install
+	$(PY) -m components.generate
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -66,8 +66,8 @@ def mlflow_children(parent_run_id: str) -> dict[str, str]:
 def call(component, arguments: dict, **given):
     """One component's function, called in this process: `given` artifacts and upstream outputs,
     every other input from the pipeline arguments (as the DAG wires them)."""
-    names = inspect.signature(component.python_func).parameters
-    return component.python_func(**given, **{n: arguments[n] for n in names if n not in given and n in arguments})
+    names = inspect.signature(component).parameters
+    return component(**given, **{n: arguments[n] for n in names if n not in given and n in arguments})
 
 
 def add_scribbles(s3, bucket: str, key: str, gt_path: Path) -> int:
@@ -147,31 +147,30 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
                       Body=("\n".join(val_ids[:-1]) + "\n").encode())
         storage.upload_dir(run_a / "pseudo-label" / "pseudo_labels", "s3://scribbles/external-pseudo")
         args_c = {**args, "external_pseudo_uri": "s3://scribbles/external-pseudo"}
-        steps = stages.build("cdsp-cpu:test", "cdsp-cuda:test")
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as the local run does on a busy machine (OpenMP threads spin)
         request.addfinalizer(lambda: torch.set_num_threads(threads))
         out = tmp_path / "c"
         prepared = dsl.Dataset(uri=str(out / "prepared"), metadata={})
-        assert call(steps["data_prep"], args_c, prepared=prepared, data_report=dsl.Markdown(uri=str(out / "report.md")),
+        assert call(stages.data_prep, args_c, prepared=prepared, data_report=dsl.Markdown(uri=str(out / "report.md")),
                     fingerprint=str(out / "fingerprint"), mlflow_run_id=str(out / "run_id"),
                     pipeline_run_id="schedule-c") is True
         fingerprint = (out / "fingerprint").read_text()
         assert fingerprint not in (a["fingerprint"], "")
         run = {"mlflow_run_id": (out / "run_id").read_text(), "pipeline_run_id": "schedule-c"}
         classifier = dsl.Model(uri=str(out / "classifier"), metadata={})
-        call(steps["train_classifier"], args_c, prepared=prepared, classifier=classifier,
+        call(stages.train_classifier, args_c, prepared=prepared, classifier=classifier,
              classifier_metrics=dsl.Metrics(uri=str(out / "m1")), **run)
         assert (out / "classifier" / "NOT_TRAINED").is_file() and not (out / "classifier" / "model.pt").exists()
         pseudo = dsl.Dataset(uri=str(out / "pseudo"), metadata={})
-        call(steps["pseudo_label"], args_c, prepared=prepared, classifier=classifier, pseudo_labels=pseudo,
+        call(stages.pseudo_label, args_c, prepared=prepared, classifier=classifier, pseudo_labels=pseudo,
              pseudo_metrics=dsl.Metrics(uri=str(out / "m2")), **run)
         model = dsl.Model(uri=str(out / "model"), metadata={})
-        version = call(steps["train_segmenter"], args_c, prepared=prepared, pseudo_labels=pseudo, model=model,
+        version = call(stages.train_segmenter, args_c, prepared=prepared, pseudo_labels=pseudo, model=model,
                        train_metrics=dsl.Metrics(uri=str(out / "m3")), **run)
         assert version != champion["version"]
         metrics = dsl.Metrics(uri=str(out / "m4"))
-        promoted = call(steps["evaluate"], args_c, prepared=prepared, model=model, metrics=metrics,
+        promoted = call(stages.evaluate, args_c, prepared=prepared, model=model, metrics=metrics,
                         report=dsl.HTML(uri=str(out / "report.html")), evaluation=dsl.Artifact(uri=str(out / "eval")),
                         fingerprint=fingerprint, model_version=version, **run)
 

@@ -60,30 +60,29 @@ def leaks(text: str | bytes) -> list[str]:
 
 
 def call(component, arguments: dict, **given):
-    """One step's function in this process, as kfp's executor calls it: `given` artifacts and
+    """One component function in this process, as kfp's executor calls it: `given` artifacts and
     upstream outputs, every other input from the pipeline arguments."""
-    names = inspect.signature(component.python_func).parameters
-    return component.python_func(**given, **{n: arguments[n] for n in names if n not in given and n in arguments})
+    names = inspect.signature(component).parameters
+    return component(**given, **{n: arguments[n] for n in names if n not in given and n in arguments})
 
 
 def run_all_steps(args: dict, out: Path) -> None:
     """data prep -> classifier -> pseudo-labels -> segmenter -> evaluation, wired as the DAG wires them."""
-    steps = stages.build("cdsp-cpu:test", "cdsp-cuda:test")
     prepared = dsl.Dataset(uri=str(out / "prepared"), metadata={})
-    assert call(steps["data_prep"], args, prepared=prepared, data_report=dsl.Markdown(uri=str(out / "data_report")),
+    assert call(stages.data_prep, args, prepared=prepared, data_report=dsl.Markdown(uri=str(out / "data_report")),
                 fingerprint=str(out / "fingerprint"), mlflow_run_id=str(out / "mlflow_run_id"),
                 pipeline_run_id="security-run") is True
     run = {"mlflow_run_id": (out / "mlflow_run_id").read_text(), "pipeline_run_id": "security-run"}
     classifier = dsl.Model(uri=str(out / "classifier"), metadata={})
-    call(steps["train_classifier"], args, prepared=prepared, classifier=classifier,
+    call(stages.train_classifier, args, prepared=prepared, classifier=classifier,
          classifier_metrics=dsl.Metrics(uri=str(out / "classifier_metrics")), **run)
     pseudo = dsl.Dataset(uri=str(out / "pseudo_labels"), metadata={})
-    call(steps["pseudo_label"], args, prepared=prepared, classifier=classifier, pseudo_labels=pseudo,
+    call(stages.pseudo_label, args, prepared=prepared, classifier=classifier, pseudo_labels=pseudo,
          pseudo_metrics=dsl.Metrics(uri=str(out / "pseudo_metrics")), **run)
     model = dsl.Model(uri=str(out / "model"), metadata={})
-    version = call(steps["train_segmenter"], args, prepared=prepared, pseudo_labels=pseudo, model=model,
+    version = call(stages.train_segmenter, args, prepared=prepared, pseudo_labels=pseudo, model=model,
                    train_metrics=dsl.Metrics(uri=str(out / "train_metrics")), **run)
-    call(steps["evaluate"], args, prepared=prepared, model=model, metrics=dsl.Metrics(uri=str(out / "metrics")),
+    call(stages.evaluate, args, prepared=prepared, model=model, metrics=dsl.Metrics(uri=str(out / "metrics")),
          report=dsl.HTML(uri=str(out / "report")), evaluation=dsl.Artifact(uri=str(out / "evaluation")),
          fingerprint=(out / "fingerprint").read_text(), model_version=version, **run)
 
