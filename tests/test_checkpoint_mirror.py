@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
-from services import s3_server
 from test_faults import ONE_THREAD, TINY, finish, position, wait_for_new_checkpoint
 from tiny_data import data_with_gt_pseudo
 
@@ -30,7 +29,7 @@ from cdsp_core import checkpoints, config, tracking, train
 from cdsp_core.config import SegTrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-BUCKET = "cdsp-kfp"
+BUCKET = f"cdsp-kfp-{uuid.uuid4().hex[:8]}"  # this module's own bucket on the session's S3 server
 CFG = {**TINY, "epochs": 4}
 
 # What kfp's executor does in the pod: build the artifacts, call the component function
@@ -63,10 +62,9 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        server.client().create_bucket(Bucket=BUCKET)
-        yield server
+def s3(s3_service):
+    s3_service.client().create_bucket(Bucket=BUCKET)
+    return s3_service
 
 
 def start_step(tiny: Path, out: Path, log: Path, env: dict, **args) -> subprocess.Popen:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import inspect
 import re
 
-import services
-
 from cdsp_core import config
 from pipelines import local_run, parameters
 
@@ -44,12 +42,9 @@ def test_missing_dataset_folder_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "out" / "runs").exists()  # nothing started
 
 
-def test_a_failing_step_ends_the_run_with_exit_2_naming_the_step(tmp_path, monkeypatch, capsys):
-    with services.s3_server(tmp_path / "s3") as s3:
-        for k, v in s3.env().items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-        code = local_run.main(["--out", str(tmp_path / "out"), "--data-uri", "s3://no-such-bucket/voc"])
+def test_a_failing_step_ends_the_run_with_exit_2_naming_the_step(tmp_path, monkeypatch, capsys, s3):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    code = local_run.main(["--out", str(tmp_path / "out"), "--data-uri", "s3://no-such-bucket/voc"])
     out = capsys.readouterr()
     assert code == 2
     last = out.err.strip().splitlines()[-1]
