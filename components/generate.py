@@ -68,7 +68,7 @@ class Component:
 
     name: str
     doc: str
-    artifacts: tuple[tuple[str, str], ...]  # (name, kfp annotation), in the order the step takes them
+    artifacts: tuple[tuple[str, str], ...]  # (name, kfp annotation): first in the signature, no default
     inputs: tuple[Param, ...]  # plain inputs that are not settings: from KFP or from upstream steps
     settings: tuple[str, ...]  # single config fields, passed to the step by name
     config: type | None  # the stage's config class: all its fields, passed to the step as `cfg`
@@ -167,8 +167,9 @@ def signature(params: list[Param], artifacts: tuple[tuple[str, str], ...], inden
 
 def docstring(doc: str, params: list[Param], indent: str) -> list[str]:
     """A Google-style docstring (kfp reads the descriptions of the inputs from its `Args:`)."""
-    if '"""' in doc or any('"""' in p.help or p.help.endswith("\\") for p in params):
-        raise ValueError(f"cannot embed in a docstring: {doc!r}")
+    for text in (doc, *(p.help for p in params)):
+        if '"""' in text or text.endswith("\\"):
+            raise ValueError(f"cannot embed in a docstring: {text!r}")
     lines = [f'{indent}"""{line}' if i == 0 else (f"{indent}{line}" if line else "")
              for i, line in enumerate(doc.strip().split("\n"))]
     documented = [p for p in params if p.help]
@@ -192,8 +193,7 @@ def component_source(c: Component) -> str:
     ret = f" -> {c.returns}" if c.returns else " -> None"
     lines = [f"def {c.name}(", *signature(params, c.artifacts, "    "), f"){ret}:",
              *docstring(c.doc, params, "    ")]
-    lines += (["    from cdsp_core import config", "    from components import steps", ""] if c.config else
-              ["    from components import steps", ""])
+    lines += [*(["    from cdsp_core import config"] if c.config else []), "    from components import steps", ""]
     step_args = [*(a for a, _ in c.artifacts), *(p.name for p in c.inputs), *c.settings]
     if c.config:
         lines += call(f"config.{c.config.__name__}", [p.name for p in config_params(c.config)], "    ", "cfg = ")
@@ -209,16 +209,15 @@ def kfp_imports(components: tuple[Component, ...]) -> str:
     return f"from kfp.dsl import {', '.join(ordered)}\n"
 
 
-def stages_source(components: tuple[Component, ...] | None = None) -> str:
+def stages_source() -> str:
     """The whole of components/stages.py."""
-    components = COMPONENTS if components is None else components
-    return HEADER + STAGES_DOC + "\n" + kfp_imports(components) + "".join("\n\n" + component_source(c)
-                                                                        for c in components)
+    return HEADER + STAGES_DOC + "\n" + kfp_imports(COMPONENTS) + "".join("\n\n" + component_source(c)
+                                                                        for c in COMPONENTS)
 
 
-def parameters_source(params: list[Param] | None = None) -> str:
+def parameters_source() -> str:
     """The whole of pipelines/parameters.py."""
-    params = pipeline_params() if params is None else params
+    params = pipeline_params()
     lines = [
         HEADER.rstrip("\n"),
         '"""The parameters of the CDSP pipeline: every setting of cdsp_core/config.py, typed, with its default."""',
