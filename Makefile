@@ -1,4 +1,5 @@
 # cdsp-pipelines: `make demo` runs the main job, `make test` the tests; both install first.
+# `make test-fast` is the quick tier (no servers); `make components` regenerates the typed components.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_DIR ?= build/demo
 
-.PHONY: install test lint demo pipeline submit images bench mlflow-ui clean
+.PHONY: install test test-fast test-services lint components demo pipeline submit images bench mlflow-ui clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +43,18 @@ test-services:
 test: install test-services
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+# The edit-run loop: every test but the `slow` ones (those that use a server, and the
+# subprocess-heavy ones; tests/conftest.py), in under 2 minutes. A server started here is an error.
+test-fast: install
+	$(VENV)/bin/ruff check .
+	CDSP_TESTS_WITHOUT_SERVERS=1 $(PY) -m pytest -q -m "not slow" tests
+
+# The typed component functions (components/stages.py) and the pipeline's parameters
+# (pipelines/parameters.py), written from cdsp_core/config.py; run after changing a setting there
+# (tests/test_components.py fails until then).
+components: install
+	$(PY) -m components.generate
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,27 +1,45 @@
-"""What each component runs: thin calls into cdsp_core.
+"""What each component runs: thin, typed calls into cdsp_core.
 
-kfp embeds these functions' source in the component (`additional_funcs`), so each is
-self-contained: it imports what it uses inside its body, and calls only cdsp_core and the
-helpers listed in HELPERS. The generated component function passes every input by keyword
-(`step(**locals())`); stage settings arrive in `settings` and become the typed config again.
-kfp's executor has already sent INFO logging to stdout.
+The component functions of `components/stages.py` (generated) import this module inside their
+body, so it is a plain module: the images install it beside cdsp_core (images/Dockerfile.*).
+Each step takes kfp's artifact objects, the plain inputs and its stage's typed config, and
+returns what the component returns. kfp's executor has already sent INFO logging to stdout.
 
 Tracking: data prep opens the MLflow parent run of the pipeline run (found again on a retry,
 by the KFP run id) and every stage records a nested run; training metrics go to MLflow and,
 when PUSHGATEWAY_URL is set, to Prometheus, through one `on_metrics` callback.
+
+The modules that import torch (train, pseudolabel, evaluate) are imported in the steps that
+use them: data prep needs no torch.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import html
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
-def data_prep_step(prepared, data_report, fingerprint, mlflow_run_id, pipeline_run_id, data_uri, scribble_dir,
-                   split_dir, force_train, cls_gpus, gpus) -> bool:
-    import logging
+from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 
-    from cdsp_core import prepare, telemetry, tracking
-    from cdsp_core.errors import CdspError
-    from cdsp_core.fsutil import atomic_write_text
+from cdsp_core import checkpoints, config, prepare, telemetry, tracking
+from cdsp_core.errors import CdspError
+from cdsp_core.fsutil import atomic_write_text
+from cdsp_core.telemetry import MetricsCallback
 
+log = logging.getLogger("cdsp.pipeline")
+
+
+def data_prep_step(prepared: Dataset, data_report: Markdown, fingerprint: str, mlflow_run_id: str, *,
+                   pipeline_run_id: str, data_uri: str, scribble_dir: str, split_dir: str, force_train: bool,
+                   cls_gpus: str, gpus: str) -> bool:
+    """Prepare the data; True when the training steps should run. `fingerprint` and `mlflow_run_id`
+    are the files kfp reads those two outputs from."""
     if not data_uri:
         raise CdspError("data_uri is empty: give the dataset root (a local path or s3://bucket/prefix)")
     gpu_count("cls_gpus", cls_gpus), gpu_count("gpus", gpus)  # checked here, before any GPU step is scheduled
@@ -39,7 +57,7 @@ def data_prep_step(prepared, data_report, fingerprint, mlflow_run_id, pipeline_r
     else:
         decision = "train: " + ("no champion yet" if champion is None else
                                 f"the data differs from champion version {champion['version']}'s")
-    logging.getLogger("cdsp.pipeline").info("data fingerprint %s; %s", fp, decision)
+    log.info("data fingerprint %s; %s", fp, decision)
 
     run_id = tracking.start_pipeline_run(pipeline_run_id, fingerprint=fp, data_uri=data_uri, decision=decision)
     with tracking.stage_run(run_id, "data_prep", {"data_uri": data_uri, "scribble_dir": scribble_dir,
@@ -59,131 +77,103 @@ def data_prep_step(prepared, data_report, fingerprint, mlflow_run_id, pipeline_r
     return new_data or force_train
 
 
-def train_classifier_step(prepared, classifier, classifier_metrics, mlflow_run_id, pipeline_run_id,
-                          external_pseudo_uri, cls_gpus, device, seed, **settings) -> None:
-    import logging
-
-    from cdsp_core import config
-    from cdsp_core.fsutil import atomic_write_text
-
+def train_classifier_step(prepared: Dataset, classifier: Model, classifier_metrics: Metrics, *, mlflow_run_id: str,
+                          pipeline_run_id: str, external_pseudo_uri: str, cls_gpus: str, device: str, seed: int,
+                          cfg: config.ClassifierConfig) -> None:
     if external_pseudo_uri:
         # Pseudo-labels come from elsewhere, so there is no classifier to train. The artifact still
         # exists (a note) so that the DAG is one chain on every runner: kfp's local runner cannot
         # pick an artifact from either branch of a condition (dsl.OneOf).
-        logging.getLogger("cdsp.pipeline").info("external pseudo-labels %s: no classifier to train",
-                                                external_pseudo_uri)
+        log.info("external pseudo-labels %s: no classifier to train", external_pseudo_uri)
         atomic_write_text(f"{classifier.path}/NOT_TRAINED", f"external pseudo-labels: {external_pseudo_uri}\n")
         classifier.metadata["trained"] = False
         return
-    from cdsp_core import checkpoints, train
+    from cdsp_core import train
 
-    cfg = config.build(config.ClassifierConfig, None, settings)
     params = {**config.to_dict(cfg), "device": device, "seed": seed, "cls_gpus": gpu_count("cls_gpus", cls_gpus)}
     # A retried pod resumes from the checkpoint mirrored under this pipeline run (cdsp_core/checkpoints.py).
     mirror = checkpoints.for_stage(pipeline_run_id, "train_classifier", params, data_dir=prepared.path)
     resume = mirror.restore(classifier.path)
-    summary = run_stage(mlflow_run_id, pipeline_run_id, "train_classifier", params,
-                        lambda on_metrics: train.train_classifier(prepared.path, classifier.path, cfg, device=device,
-                                                                  seed=seed, resume=resume, on_metrics=on_metrics,
-                                                                  on_checkpoint=mirror.upload))
+    with stage_run(mlflow_run_id, pipeline_run_id, "train_classifier", params) as on_metrics:
+        summary = train.train_classifier(prepared.path, classifier.path, cfg, device=device, seed=seed, resume=resume,
+                                         on_metrics=on_metrics, on_checkpoint=mirror.upload)
+        tracking.log_final_metrics(summary)
     mirror.clear()
     kfp_metrics(classifier_metrics, summary)
     classifier.metadata.update({"trained": True, "backbone": cfg.cls_backbone})
 
 
-def pseudo_label_step(prepared, classifier, pseudo_labels, pseudo_metrics, mlflow_run_id, pipeline_run_id,
-                      external_pseudo_uri, cls_gpus, device, **settings) -> None:
-    from cdsp_core import config, pseudolabel
+def pseudo_label_step(prepared: Dataset, classifier: Model, pseudo_labels: Dataset, pseudo_metrics: Metrics, *,
+                      mlflow_run_id: str, pipeline_run_id: str, external_pseudo_uri: str, cls_gpus: str, device: str,
+                      cfg: config.PseudoLabelConfig) -> None:
+    from cdsp_core import pseudolabel
 
-    cfg = config.build(config.PseudoLabelConfig, None, settings)
-    summary = run_stage(mlflow_run_id, pipeline_run_id, "pseudo_label",
-                        {**config.to_dict(cfg), "external_pseudo_uri": external_pseudo_uri, "device": device,
-                         "cls_gpus": gpu_count("cls_gpus", cls_gpus)},
-                        lambda on_metrics: pseudolabel.pseudo_label(
-                            prepared.path, pseudo_labels.path, cfg, device=device,
-                            classifier_dir=None if external_pseudo_uri else classifier.path,
-                            external_pseudo=external_pseudo_uri or None))
+    params = {**config.to_dict(cfg), "external_pseudo_uri": external_pseudo_uri, "device": device,
+              "cls_gpus": gpu_count("cls_gpus", cls_gpus)}
+    with stage_run(mlflow_run_id, pipeline_run_id, "pseudo_label", params):
+        summary = pseudolabel.pseudo_label(prepared.path, pseudo_labels.path, cfg, device=device,
+                                           classifier_dir=None if external_pseudo_uri else classifier.path,
+                                           external_pseudo=external_pseudo_uri or None)
+        tracking.log_final_metrics(summary)
     kfp_metrics(pseudo_metrics, summary)
 
 
-def train_segmenter_step(prepared, pseudo_labels, model, train_metrics, mlflow_run_id, pipeline_run_id, gpus,
-                         **settings) -> str:
-    import json
-    from pathlib import Path
-
-    from cdsp_core import checkpoints, config, tracking, train
-
-    cfg = config.build(config.SegTrainConfig, None, settings)
-    gpus = gpu_count("gpus", gpus)
-    params = {**config.to_dict(cfg), "gpus": gpus}
+def train_segmenter_step(prepared: Dataset, pseudo_labels: Dataset, model: Model, train_metrics: Metrics, *,
+                         mlflow_run_id: str, pipeline_run_id: str, gpus: str, cfg: config.SegTrainConfig) -> str:
+    """Train, then register the model in MLflow; the registered version."""
+    n_gpus = gpu_count("gpus", gpus)
+    params = {**config.to_dict(cfg), "gpus": n_gpus}
     # A retried pod resumes from the checkpoint mirrored under this pipeline run (cdsp_core/checkpoints.py).
     mirror = checkpoints.for_stage(pipeline_run_id, "train_segmenter", params, data_dir=prepared.path)
     resume = mirror.restore(model.path)
-
-    def fit(on_metrics):
-        if gpus <= 1:
-            return train.train_segmenter(prepared.path, pseudo_labels.path, model.path, cfg, resume=resume,
-                                         on_metrics=on_metrics, on_checkpoint=mirror.upload)
-        # DDP: one process per GPU under torchrun (checkpoints mirrored by a watcher thread here);
-        # their per-epoch history is recorded afterwards.
-        with mirror.watching(model.path):
-            summary = train.launch_ddp(prepared.path, pseudo_labels.path, model.path, cfg, nproc=gpus, resume=resume)
-        history = json.loads((Path(model.path) / "history.json").read_text(encoding="utf-8"))
-        for i, epoch in enumerate(history):
-            on_metrics(epoch, int(epoch.get("epoch", i)))
-        return summary
-
-    versions = []
-
-    def fit_and_register(on_metrics):
-        summary = fit(on_metrics)
-        versions.append(tracking.log_segmenter(model.path))
-        return summary
-
-    summary = run_stage(mlflow_run_id, pipeline_run_id, "train_segmenter", params, fit_and_register)
+    with stage_run(mlflow_run_id, pipeline_run_id, "train_segmenter", params) as on_metrics:
+        summary = fit_segmenter(prepared.path, pseudo_labels.path, model.path, cfg, n_gpus=n_gpus, resume=resume,
+                                mirror=mirror, on_metrics=on_metrics)
+        version = tracking.log_segmenter(model.path)
+        tracking.log_final_metrics(summary)
     mirror.clear()  # only now: a retry after training but before registration resumes at the last epoch
     kfp_metrics(train_metrics, summary)
-    model.metadata.update({"segmenter": cfg.segmenter, "backbone": cfg.backbone, "mlflow_model_version": versions[0]})
-    return versions[0]
+    model.metadata.update({"segmenter": cfg.segmenter, "backbone": cfg.backbone, "mlflow_model_version": version})
+    return version
 
 
-def evaluate_step(prepared, model, metrics, report, evaluation, mlflow_run_id, pipeline_run_id, fingerprint,
-                  model_version, cls_gpus, device, **settings) -> bool:
-    import json
-    import logging
-    import tempfile
-    from pathlib import Path
+def fit_segmenter(data_dir: str, pseudo_dir: str, model_dir: str, cfg: config.SegTrainConfig, *, n_gpus: int,
+                  resume: bool, mirror: checkpoints.CheckpointMirror, on_metrics: MetricsCallback) -> dict:
+    """Segmentation training in this process, or under torchrun with one process per GPU; its summary."""
+    from cdsp_core import train
 
-    from cdsp_core import config, evaluate, tracking
-    from cdsp_core.errors import CdspError
+    if n_gpus <= 1:
+        return train.train_segmenter(data_dir, pseudo_dir, model_dir, cfg, resume=resume, on_metrics=on_metrics,
+                                     on_checkpoint=mirror.upload)
+    # DDP: the training processes write the checkpoints, a watcher thread here mirrors them;
+    # their per-epoch history is recorded afterwards.
+    with mirror.watching(model_dir):
+        summary = train.launch_ddp(data_dir, pseudo_dir, model_dir, cfg, nproc=n_gpus, resume=resume)
+    history = json.loads((Path(model_dir) / "history.json").read_text(encoding="utf-8"))
+    for i, epoch in enumerate(history):
+        on_metrics(epoch, int(epoch.get("epoch", i)))
+    return summary
 
-    cfg = config.build(config.EvalConfig, None, settings)
+
+def evaluate_step(prepared: Dataset, model: Model, metrics: Metrics, report: HTML, evaluation: Artifact, *,
+                  mlflow_run_id: str, pipeline_run_id: str, fingerprint: str, model_version: str, cls_gpus: str,
+                  device: str, cfg: config.EvalConfig) -> bool:
+    """Evaluate on val and promote the model to champion if it beats the champion; True when promoted."""
+    from cdsp_core import evaluate
+
     manifest = json.loads((Path(prepared.path) / "manifest.json").read_text(encoding="utf-8"))
     val_split = tracking.val_split_id(manifest)
-    outcome = {}
-
-    def evaluate_and_decide(on_metrics):
+    params = {**config.to_dict(cfg), "device": device, "cls_gpus": gpu_count("cls_gpus", cls_gpus)}
+    with stage_run(mlflow_run_id, pipeline_run_id, "evaluate", params):
         result = evaluate.evaluate(prepared.path, model.path, evaluation.path, cfg, split="val", device=device)
         tracking.log_evaluation(evaluation.path)
         champion = tracking.champion_info()
         champion_miou = None
         if champion and champion["val_split"] != val_split and champion["version"] != model_version:
-            # The champion was measured on another val split: measure it again on this one.
-            try:
-                with tempfile.TemporaryDirectory(prefix="cdsp-champion-") as tmp:
-                    champion_dir = tracking.resolve_model(champion["uri"], Path(tmp) / "model")
-                    champion_miou = evaluate.evaluate(prepared.path, champion_dir, f"{tmp}/eval", cfg, split="val",
-                                                      device=device)["miou"]
-            except CdspError as e:  # e.g. another class list: not comparable, so the champion stays
-                logging.getLogger("cdsp.pipeline").warning("cannot evaluate the champion on this val split: %s", e)
-        outcome.update(result=result, decision=tracking.promote_if_better(
-            model_version, result["miou"], val_split=val_split, fingerprint=fingerprint,
-            champion_miou=champion_miou))
-        return {"promoted": float(outcome["decision"]["promoted"])}  # the rest went with log_evaluation
-
-    params = {**config.to_dict(cfg), "device": device, "cls_gpus": gpu_count("cls_gpus", cls_gpus)}
-    run_stage(mlflow_run_id, pipeline_run_id, "evaluate", params, evaluate_and_decide)
-    result, decision = outcome["result"], outcome["decision"]
+            champion_miou = champion_miou_on(prepared.path, champion["uri"], cfg, device)
+        decision = tracking.promote_if_better(model_version, result["miou"], val_split=val_split,
+                                              fingerprint=fingerprint, champion_miou=champion_miou)
+        tracking.log_final_metrics({"promoted": float(decision["promoted"])})  # the rest went with log_evaluation
     kfp_metrics(metrics, {**{k: result[k] for k in ("miou", "pixel_acc")},
                           **{f"iou_{name}": iou for name, iou in result["per_class_iou"].items()},
                           "promoted": float(decision["promoted"])})
@@ -191,51 +181,48 @@ def evaluate_step(prepared, model, metrics, report, evaluation, mlflow_run_id, p
     return bool(decision["promoted"])
 
 
-def gpu_count(name, value) -> int:
+def champion_miou_on(data_dir: str, champion_uri: str, cfg: config.EvalConfig, device: str) -> float | None:
+    """The champion's mIoU on this val split (it was measured on another); None when not comparable."""
+    from cdsp_core import evaluate
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="cdsp-champion-") as tmp:
+            champion_dir = tracking.resolve_model(champion_uri, Path(tmp) / "model")
+            return evaluate.evaluate(data_dir, champion_dir, f"{tmp}/eval", cfg, split="val", device=device)["miou"]
+    except CdspError as e:  # e.g. another class list: not comparable, so the champion stays
+        log.warning("cannot evaluate the champion on this val split: %s", e)
+        return None
+
+
+def gpu_count(name: str, value: str) -> int:
     """A GPU count parameter (a string, the form KFP's driver makes a limit of) as a number."""
-    import re
-
-    from cdsp_core.errors import CdspError
-
     if not re.fullmatch(r"[0-9]+", str(value)):
         raise CdspError(f"{name}={value!r}: not a GPU count; give a whole number, e.g. {name}=1 (0: no GPU)")
     return int(value)
 
 
-def run_stage(mlflow_run_id, pipeline_run_id, stage, params, work):
-    """`work(on_metrics)` inside the stage's MLflow run, with Prometheus telemetry; its summary.
-
-    The summary's numbers are recorded as the run's final metrics.
-    """
-    from cdsp_core import telemetry, tracking
-
+@contextlib.contextmanager
+def stage_run(mlflow_run_id: str, pipeline_run_id: str, stage: str, params: dict) -> Iterator[MetricsCallback]:
+    """The stage's MLflow run with Prometheus telemetry; yields the `on_metrics` callback for both."""
     prom = telemetry.metrics_callback(stage, pipeline_run_id or "local")
     ok = False
     try:
         with tracking.stage_run(mlflow_run_id, stage, params):
-            summary = work(telemetry.chain(tracking.log_metrics, prom))
-            tracking.log_final_metrics(summary)
+            yield telemetry.chain(tracking.log_metrics, prom)
         ok = True
     finally:
         prom.close(success=ok)
-    return summary
 
 
-def kfp_metrics(metrics, summary) -> None:
+def kfp_metrics(metrics: Metrics, summary: dict) -> None:
     """The numeric entries of a stage summary as KFP metrics (shown in the run's UI)."""
     for key, value in summary.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(key, float(value))
 
 
-def html_report(path, result, decision, overlays) -> None:
+def html_report(path: str, result: dict, decision: dict, overlays: Path) -> None:
     """The evaluation as one self-contained HTML page: numbers, per-class table, decision, overlays."""
-    import base64
-    import html
-    from pathlib import Path
-
-    from cdsp_core.fsutil import atomic_write_text
-
     rows = "".join(f"<tr><td>{html.escape(str(name))}</td><td>{iou:.4f}</td></tr>"
                    for name, iou in result["per_class_iou"].items())
     images = "".join(
@@ -251,6 +238,3 @@ def html_report(path, result, decision, overlays) -> None:
         f"{html.escape(decision['reason'])}</p>"
         f"<table border='1' cellpadding='4'><tr><th>class</th><th>IoU</th></tr>{rows}</table>{images}"
         "</body></html>\n"))
-
-
-HELPERS = [gpu_count, run_stage, kfp_metrics, html_report]

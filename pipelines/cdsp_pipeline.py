@@ -5,10 +5,12 @@ data's fingerprint equals the one the champion model was trained on, nothing els
 KFP condition); otherwise the four training stages run and the evaluation promotes the new
 model to champion only if its val mIoU beats the champion's.
 
-Every stage setting of `cdsp_core.config` is a pipeline parameter (the signature is derived
-from the dataclasses, see `pipeline_params`). Cluster settings (images, pipeline root, secret
-names, resources) are fixed at compile time from CDSP_<NAME> environment variables (see
-`config.ClusterConfig`; what each step's pod gets: `step_resources`):
+Every stage setting of `cdsp_core.config` is a pipeline parameter: the pipeline function
+`cdsp(...)` in pipelines/parameters.py and the component functions in components/stages.py
+are generated from the dataclasses (`make components`); the DAG is wired here (`build_pipeline`).
+Cluster settings (images, pipeline root, secret names, resources) are fixed at compile time
+from CDSP_<NAME> environment variables (see `config.ClusterConfig`; what each step's pod gets:
+`step_resources`):
 
     python -m pipelines.cdsp_pipeline --out build/cdsp_pipeline.yaml
 """
@@ -21,13 +23,14 @@ import inspect
 import os
 import re
 import sys
+from collections.abc import Callable
 
 from kfp import compiler, dsl, kubernetes
 
 from cdsp_core import config
 from cdsp_core.errors import CdspError
-from components import stages
-from components.codegen import Param, config_params
+from components import generate, stages
+from pipelines import parameters
 
 PIPELINE_NAME = "cdsp"
 # The five steps (KFP task names) and their display names.
@@ -108,16 +111,6 @@ def resource_table(cluster: config.ClusterConfig) -> str:
     return "\n".join(rows) + "\n"
 
 
-def pipeline_params() -> list[Param]:
-    """The pipeline's parameters: the run parameters, then every stage setting, in config order."""
-    params = config_params(config.PipelineConfig, *config.ALL_CONFIGS)
-    names = [p[0] for p in params]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"config fields named twice: {duplicates}")
-    return params
-
-
 def configure(task: dsl.PipelineTask, cluster: config.ClusterConfig, res: Resources, *, cache: bool,
               gpus: dsl.PipelineChannel | None = None) -> dsl.PipelineTask:
     """Resources (`res`, GPUs from the parameter `gpus`), retries, caching and credentials of one step."""
@@ -155,71 +148,50 @@ def mirror_checkpoints(task: dsl.PipelineTask, cluster: config.ClusterConfig) ->
 
 def build_pipeline(cluster: config.ClusterConfig | None = None):
     """The pipeline (a kfp GraphComponent) for these cluster settings."""
+    out_of_date = [str(path.relative_to(generate.REPO)) for path in generate.stale()]
+    if out_of_date:  # a setting was added or changed without `make components`
+        raise CdspError(f"{', '.join(out_of_date)}: out of date with cdsp_core/config.py; run `make components`")
     cluster = cluster or cluster_settings()
     resources = step_resources(cluster)
-    components = stages.build(cluster.image, cluster.cuda_image)
-    per_stage = stages.stage_params()
-    params = pipeline_params()
-    names = [p[0] for p in params]
 
-    def cdsp(*args):
-        p = dict(zip(names, args))
+    def wire(**p: dsl.PipelineChannel) -> None:
+        """The DAG, given the pipeline parameters (the body of the generated `cdsp(...)`)."""
 
-        def settings(stage: str) -> dict:
-            return {name: p[name] for name, *_ in per_stage[stage]}
-
-        def place(task: dsl.PipelineTask, name: str, cache: bool) -> dsl.PipelineTask:
+        def step(function: Callable, name: str, *, cache: bool, **inputs) -> dsl.PipelineTask:
+            """A task of the component `function` with the settings it takes; its pod as `step_resources` says."""
             res = resources[name]
+            # The steps that may use a GPU run in the CUDA image.
+            component = dsl.component(function, base_image=cluster.cuda_image if res.gpus else cluster.image,
+                                      install_kfp_package=False)  # the image holds kfp, cdsp_core and components
+            settings = {n: p[n] for n in inspect.signature(function).parameters if n in p}
+            task = component(**inputs, **settings)
             return configure(task.set_display_name(STEPS[name]), cluster, res, cache=cache,
                              gpus=p[res.gpus] if res.gpus else None)
 
         run = dict(pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-        prep = components["data_prep"](**run, **settings("data_prep"))
         # Never cached: the data under data_uri may change while the URI stays the same.
-        place(prep, "data-prep", cache=False)
+        prep = step(stages.data_prep, "data-prep", cache=False, **run)
         prepared = prep.outputs["prepared"]
         run["mlflow_run_id"] = prep.outputs["mlflow_run_id"]
 
         # The condition reads data_prep's single return value ("Output"): kfp's local runner
         # resolves that form of task output in a condition (a named NamedTuple field it cannot).
         with dsl.If(prep.outputs["Output"] == True, name="new-scribbles"):  # noqa: E712 (a KFP condition)
-            classifier = components["train_classifier"](
-                prepared=prepared, **run, **settings("train_classifier"))
             # Training and CAMs are seeded functions of their inputs: a cache hit (same input
             # artifacts and settings) is as good as running them again.
-            place(classifier, "train-classifier", cache=True)
+            classifier = step(stages.train_classifier, "train-classifier", cache=True, prepared=prepared, **run)
             mirror_checkpoints(classifier, cluster)
-            pseudo = components["pseudo_label"](
-                prepared=prepared, classifier=classifier.outputs["classifier"], **run,
-                **settings("pseudo_label"))
-            place(pseudo, "pseudo-label", cache=True)
-            segmenter = components["train_segmenter"](
-                prepared=prepared, pseudo_labels=pseudo.outputs["pseudo_labels"], **run,
-                **settings("train_segmenter"))
-            place(segmenter, "train-segmenter", cache=True)
+            pseudo = step(stages.pseudo_label, "pseudo-label", cache=True, prepared=prepared,
+                          classifier=classifier.outputs["classifier"], **run)
+            segmenter = step(stages.train_segmenter, "train-segmenter", cache=True, prepared=prepared,
+                             pseudo_labels=pseudo.outputs["pseudo_labels"], **run)
             mirror_checkpoints(segmenter, cluster)
-            evaluation = components["evaluate"](
-                prepared=prepared, model=segmenter.outputs["model"], **run,
-                fingerprint=prep.outputs["fingerprint"], model_version=segmenter.outputs["Output"],
-                **settings("evaluate"))
             # Not cached: promotion compares with whichever model is champion now.
-            place(evaluation, "evaluate", cache=False)
+            step(stages.evaluate, "evaluate", cache=False, prepared=prepared, model=segmenter.outputs["model"],
+                 fingerprint=prep.outputs["fingerprint"], model_version=segmenter.outputs["Output"], **run)
 
-    cdsp.__signature__ = inspect.Signature([
-        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ann_type(ann), default=default)
-        for name, ann, default, _ in params])
-    cdsp.__doc__ = pipeline_doc(params)
-    return dsl.pipeline(cdsp, name=PIPELINE_NAME, pipeline_root=cluster.pipeline_root or None)
-
-
-def ann_type(name: str) -> type:
-    return {"str": str, "int": int, "float": float, "bool": bool}[name]
-
-
-def pipeline_doc(params: list[Param]) -> str:
-    """The module docstring's first paragraph plus one `Args:` line per parameter (kfp shows them)."""
-    head = (__doc__ or "").strip().split("\n\n")[0]
-    return head + "\n\nArgs:\n" + "\n".join(f"    {name}: {help_text}" for name, _, _, help_text in params)
+    return dsl.pipeline(parameters.pipeline_function(wire), name=PIPELINE_NAME,
+                        pipeline_root=cluster.pipeline_root or None)
 
 
 def compile_pipeline(path: str, cluster: config.ClusterConfig | None = None) -> str:

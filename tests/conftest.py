@@ -1,4 +1,5 @@
-"""Shared test fixtures: the real ScribbleSup sample (skipped cleanly where absent)."""
+"""Shared test fixtures: the real ScribbleSup sample (skipped cleanly where absent), the servers
+of the session, and the `slow` marker of every test that uses one (left out of `make test-fast`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "scribblesup-sample"
+# A test that uses one of these is `slow`: `make test-fast` leaves it out, `make test` runs it.
+SERVERS = ("s3_service", "mlflow_service", "pushgateway_service")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(name in SERVERS for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +34,34 @@ def mlflow_service(tmp_path_factory):
     from services import mlflow_server
 
     with mlflow_server(tmp_path_factory.mktemp("mlflow-service")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_service(tmp_path_factory):
+    """One moto S3 server for the session; each test keeps to its own buckets (`new_bucket`)."""
+    from services import s3_server
+
+    with s3_server(tmp_path_factory.mktemp("s3-service")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_service, monkeypatch):
+    """The session's S3 server, with boto3's variables pointing at it for this test."""
+    for k, v in s3_service.env().items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    return s3_service
+
+
+@pytest.fixture(scope="session")
+def pushgateway_service(tmp_path_factory):
+    """One Pushgateway for the session; each test pushes under its own `pipeline_run` label."""
+    from services import pushgateway
+
+    with pushgateway(tmp_path_factory.mktemp("pushgateway-service")) as server:
         yield server
 
 

@@ -1,4 +1,8 @@
-"""Real servers for the tests, each on a free port of 127.0.0.1, started and stopped by the test.
+"""Real servers for the tests, each on a free port of 127.0.0.1.
+
+The tests share one of each per session (tests/conftest.py: `s3_service`, `mlflow_service`,
+`pushgateway_service`) and keep to their own buckets, experiments, model names and run labels;
+a test that stops a server starts its own.
 
 - `s3_server()`: moto's standalone S3-compatible server (`moto_server`);
 - `mlflow_server(folder)`: `mlflow server` with a SQLite backend and an artifact folder;
@@ -24,6 +28,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +71,8 @@ class Service:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Service:
+        if os.environ.get("CDSP_TESTS_WITHOUT_SERVERS"):  # set by `make test-fast`
+            raise RuntimeError(f"{self.name}: the fast tier starts no server; mark the test `slow` (tests/conftest.py)")
         log = open(self.log_path, "ab")  # noqa: SIM115 (kept open by the child)
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env={**os.environ, **self.extra_env}, cwd=self.folder, start_new_session=True)
@@ -129,6 +136,12 @@ class S3Server(Service):
 
         return boto3.client("s3", endpoint_url=self.url, aws_access_key_id="testing",
                             aws_secret_access_key="testing", region_name="us-east-1")
+
+    def new_bucket(self, prefix: str) -> str:
+        """A new, empty bucket of a name no other test uses (`prefix-<random>`)."""
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.client().create_bucket(Bucket=name)
+        return name
 
 
 @contextlib.contextmanager

@@ -13,14 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from services import s3_server
 from tiny_data import data_with_gt_pseudo, leftovers
 
 from cdsp_core import cli, data, models, storage, synth, train
@@ -211,7 +209,9 @@ def _float_tiff(path: Path) -> str:
     return "image mode F"
 
 
-@pytest.mark.parametrize("break_it, workers", [(_grey16, 2), (_rgba, 0), (_colour, 0), (_float_tiff, 0)],
+# In a loader worker: worker processes, which take seconds to stop after the error (slow).
+@pytest.mark.parametrize("break_it, workers", [pytest.param(_grey16, 2, marks=pytest.mark.slow), (_rgba, 0),
+                                               (_colour, 0), (_float_tiff, 0)],
                          ids=["16-bit, in a loader worker", "RGBA", "colour RGB", "float TIFF"])
 def test_distance_maps_of_the_wrong_type(work, capsys, break_it, workers):
     victim = work / "pseudo" / "distance_scribble" / f"{first_train_id(work)}.png"
@@ -242,6 +242,7 @@ def test_pseudo_labels_whose_size_differs_from_the_image(work, capsys):
     assert leftovers(work) == []
 
 
+@pytest.mark.slow  # data-loader worker processes
 def test_pseudo_labels_with_classes_outside_the_list(work, capsys):
     victim = work / "pseudo" / "pseudo_labels" / f"{first_train_id(work)}.png"
     Image.fromarray(np.full((32, 32), 9, np.uint8)).save(victim)  # class 9 of a 6-class dataset
@@ -299,25 +300,14 @@ def test_non_utf8_list_files(work, capsys, name, content):
 # ---------------------------------------------------------------------------- S3 keys
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with s3_server(tmp_path_factory.mktemp("moto")) as server:
-        yield server
-
-
 @pytest.mark.parametrize("bad_key, problem", [  # more '..', '.' and '//' keys: tests/test_storage.py
     ("/etc/cron.d/evil", "absolute key"),
     ("JPEGImages/../../../evil.jpg", "'..' path segment"),
 ])
 def test_s3_keys_with_dotdot_or_absolute_paths_never_leave_the_folder(tiny, tmp_path, s3, monkeypatch, capsys,
                                                                       bad_key, problem):
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    bucket = f"bad-{uuid.uuid4().hex[:10]}"
+    bucket = s3.new_bucket("bad")
     raw = s3.client()
-    raw.create_bucket(Bucket=bucket)
     storage.upload_dir(tiny / "data", f"s3://{bucket}")  # a dataset at the bucket's root ...
     raw.put_object(Bucket=bucket, Key=bad_key, Body=b"not yours")  # ... and one key that points outside it
     work = tmp_path / "deep" / "er"

@@ -30,6 +30,7 @@ def test_runs_switch_exactly_their_loss_terms():
         "cdsp-drop0.5", "scribble-only-drop0.5", "cdsp-shrink0.5", "scribble-only-shrink0.5"]
 
 
+@pytest.mark.slow
 def test_tiny_bench_writes_results_logs_mlflow_and_resumes(tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
 

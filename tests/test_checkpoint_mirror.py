@@ -1,6 +1,6 @@
 """A retried pipeline step resumes from the checkpoint its pre-empted pod mirrored (cdsp_core/checkpoints.py).
 
-The segmentation step runs as kfp's executor would call it (`components.steps.train_segmenter_step`
+The segmentation step runs as kfp's executor would call it (`components.stages.train_segmenter`
 with kfp's own artifact objects), in a real subprocess, against a real S3 server (moto) and the
 session's real `mlflow server`: SIGTERM mid-training -> exit 143 with the checkpoint under
 `s3://…/<pipeline run id>/train_segmenter/checkpoint.pt`; the retry, in a fresh, empty output
@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
-from services import s3_server
 from test_faults import ONE_THREAD, TINY, finish, position, wait_for_new_checkpoint
 from tiny_data import data_with_gt_pseudo
 
@@ -30,21 +29,21 @@ from cdsp_core import checkpoints, config, tracking, train
 from cdsp_core.config import SegTrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-BUCKET = "cdsp-kfp"
+BUCKET = f"cdsp-kfp-{uuid.uuid4().hex[:8]}"  # this module's own bucket on the session's S3 server
 CFG = {**TINY, "epochs": 4}
 
-# What kfp's executor does in the pod: build the artifacts, call the step (here: its source from
-# components/steps.py, the same function kfp embeds in the component).
+# What kfp's executor does in the pod: build the artifacts, call the component function
+# (components/stages.py, the source kfp ships in the component).
 DRIVER = """
 import json, logging, sys
 from kfp import dsl
 from cdsp_core import tracking
-from components import steps
+from components import stages
 
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
 a = json.loads(sys.argv[1])
 tracking.MODEL_NAME = a["model_name"]
-version = steps.train_segmenter_step(
+version = stages.train_segmenter(
     prepared=dsl.Dataset(name="prepared", uri=a["data"]), pseudo_labels=dsl.Dataset(name="pseudo", uri=a["pseudo"]),
     model=dsl.Model(name="model", uri=a["out"]), train_metrics=dsl.Metrics(name="train_metrics", uri=a["metrics"]),
     mlflow_run_id=a["mlflow_run_id"], pipeline_run_id=a["pipeline_run_id"], gpus="1", **a["settings"])
@@ -63,10 +62,9 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        server.client().create_bucket(Bucket=BUCKET)
-        yield server
+def s3(s3_service):
+    s3_service.client().create_bucket(Bucket=BUCKET)
+    return s3_service
 
 
 def start_step(tiny: Path, out: Path, log: Path, env: dict, **args) -> subprocess.Popen:

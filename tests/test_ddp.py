@@ -39,6 +39,7 @@ def _rank(rank: int, world: int, port: int, root: str, results: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_in_step(tmp_path):
     from services import free_port
 

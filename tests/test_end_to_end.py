@@ -25,6 +25,7 @@ def cdsp(*args: str) -> None:
     assert cli.main([str(a) for a in args]) == 0, args
 
 
+@pytest.mark.slow
 def test_scribbles_to_a_segmenter_that_learns(tmp_path):
     data, cls, pseudo, seg = (tmp_path / n for n in ("data", "cls", "pseudo", "seg"))
     synth.make_dataset(data, n_train=N_TRAIN, n_val=N_VAL, size=SIZE, seed=0)

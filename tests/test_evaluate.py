@@ -134,21 +134,16 @@ def test_predict_images_of_any_size(tiny, tmp_path):
             assert im.size == (2 * w, h)
 
 
-def test_predict_from_s3(tiny, tmp_path, monkeypatch):
-    from services import s3_server
-
-    with s3_server() as s3:
-        for k, v in s3.env().items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-        client = s3.client()
-        client.create_bucket(Bucket="imgs")
-        index = data.load_index(tiny / "data")
-        for item in index.val:
-            client.upload_file(str(item.image), "imgs", f"batch/{item.image.name}")
-        for f in (tiny / "model").iterdir():
-            client.upload_file(str(f), "imgs", f"models/m1/{f.name}")
-        written = evaluate.predict("s3://imgs/models/m1", "s3://imgs/batch", str(tmp_path / "pred"), device="cpu")
+def test_predict_from_s3(tiny, tmp_path, s3):
+    client = s3.client()
+    bucket = s3.new_bucket("imgs")
+    index = data.load_index(tiny / "data")
+    for item in index.val:
+        client.upload_file(str(item.image), bucket, f"batch/{item.image.name}")
+    for f in (tiny / "model").iterdir():
+        client.upload_file(str(f), bucket, f"models/m1/{f.name}")
+    written = evaluate.predict(f"s3://{bucket}/models/m1", f"s3://{bucket}/batch", str(tmp_path / "pred"),
+                               device="cpu")
     assert len(written) == len(index.val)
     # the same model from the local folder gives the same labels
     local = evaluate.predict(str(tiny / "model"), str(tiny / "data" / "JPEGImages"), str(tmp_path / "local"),

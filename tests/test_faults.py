@@ -48,7 +48,7 @@ TINY = dict(segmenter="deeplabv2", backbone="resnet18", crop_size=32, scale_min=
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # real processes, full disks
 
 
 @pytest.fixture(scope="module")

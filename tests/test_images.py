@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from importlib import metadata
 from pathlib import Path
@@ -95,6 +96,24 @@ def test_component_images_match_the_dockerfiles(tmp_path):
     images = {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}
     assert images.pop("exec-data-prep") == names["cpu"]
     assert set(images.values()) == {names["cuda"]}
+
+
+def test_the_images_install_every_package_a_component_function_imports():
+    """kfp ships only a component function's own source; what its body imports comes from the image."""
+    imported = set()
+    for node in ast.walk(ast.parse((REPO / "components" / "stages.py").read_text())):
+        if isinstance(node, ast.FunctionDef):
+            for stmt in ast.walk(node):
+                if isinstance(stmt, ast.ImportFrom):
+                    imported.add(stmt.module.split(".")[0])
+                elif isinstance(stmt, ast.Import):
+                    imported |= {alias.name.split(".")[0] for alias in stmt.names}
+    assert imported == {"cdsp_core", "components"}
+    packages = ast.literal_eval(re.search(r"^packages = (\[.*?\])", (REPO / "pyproject.toml").read_text(), re.M)[1])
+    assert imported <= set(packages)  # installed by `pip install .`
+    for kind, path in DOCKERFILES.items():
+        copied = {rest.split()[0] for word, rest in instructions(path) if word == "COPY"}
+        assert imported <= copied, kind
 
 
 def runtime_closure() -> set[str]:

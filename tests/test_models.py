@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import uuid
 
 import pytest
 import torch
-from services import s3_server
 
 from cdsp_core.errors import CdspError
 from cdsp_core.models import (
@@ -150,21 +148,15 @@ def test_narrow_resnets_keep_the_layout_and_refuse_imagenet_weights(tmp_path):
         build_classifier("resnet18", 6, pretrained=str(path), width=32)
 
 
-def test_load_pretrained_from_s3(tmp_path, monkeypatch):
+def test_load_pretrained_from_s3(tmp_path, s3):
     state = fake_torchvision_weights("resnet18")
     torch.save(state, tmp_path / "r18.pth")
-    with s3_server() as s3:
-        for k, v in s3.env().items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-        monkeypatch.delenv("AWS_PROFILE", raising=False)
-        bucket = f"w-{uuid.uuid4().hex[:12]}"
-        s3.client().create_bucket(Bucket=bucket)
-        s3.client().upload_file(str(tmp_path / "r18.pth"), bucket, "weights/r18.pth")
-        model = build_segmenter("deeplabv2", "resnet18", 5, pretrained=f"s3://{bucket}/weights/r18.pth")
-        assert torch.equal(model.backbone.layer2[1].conv2.weight, state["layer2.1.conv2.weight"])
-        with pytest.raises(CdspError, match=f"s3://{bucket}/weights/absent.pth"):
-            load_pretrained(model, f"s3://{bucket}/weights/absent.pth")
+    bucket = s3.new_bucket("w")
+    s3.client().upload_file(str(tmp_path / "r18.pth"), bucket, "weights/r18.pth")
+    model = build_segmenter("deeplabv2", "resnet18", 5, pretrained=f"s3://{bucket}/weights/r18.pth")
+    assert torch.equal(model.backbone.layer2[1].conv2.weight, state["layer2.1.conv2.weight"])
+    with pytest.raises(CdspError, match=f"s3://{bucket}/weights/absent.pth"):
+        load_pretrained(model, f"s3://{bucket}/weights/absent.pth")
 
 
 def test_load_pretrained_errors_name_the_file(tmp_path):

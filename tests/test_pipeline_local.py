@@ -6,22 +6,22 @@ retraining on new scribbles run in tests/test_schedule.py.
 
 from __future__ import annotations
 
+import inspect
 import re
 
-import services
-
 from cdsp_core import config
-from pipelines import cdsp_pipeline, local_run
+from pipelines import local_run, parameters
 
 
 def test_pipeline_arguments_are_every_parameter_preset_under_explicit_values():
     args = local_run.pipeline_arguments("cpu", {"epochs": 3, "l_lorm": 0.0, "backbone": None, "data_uri": "/d"})
-    assert list(args) == [name for name, *_ in cdsp_pipeline.pipeline_params()]
+    cdsp = inspect.signature(parameters.pipeline_function(lambda **p: None)).parameters  # the pipeline's
+    assert list(args) == list(cdsp)
     assert args["epochs"] == 3 and args["l_lorm"] == 0.0 and args["data_uri"] == "/d"  # explicit values win
     assert args["backbone"] == config.PRESETS["cpu"]["backbone"]  # None is "unset": the preset's value
     assert args["lambda_s"] == config.PseudoLabelConfig().lambda_s  # neither: the default
     paper = local_run.pipeline_arguments("paper", {})
-    assert paper == {name: default for name, _, default, _ in cdsp_pipeline.pipeline_params()}
+    assert paper == {name: p.default for name, p in cdsp.items()}
 
 
 def test_synthetic_data_is_made_once_per_size(tmp_path):
@@ -42,12 +42,9 @@ def test_missing_dataset_folder_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "out" / "runs").exists()  # nothing started
 
 
-def test_a_failing_step_ends_the_run_with_exit_2_naming_the_step(tmp_path, monkeypatch, capsys):
-    with services.s3_server(tmp_path / "s3") as s3:
-        for k, v in s3.env().items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-        code = local_run.main(["--out", str(tmp_path / "out"), "--data-uri", "s3://no-such-bucket/voc"])
+def test_a_failing_step_ends_the_run_with_exit_2_naming_the_step(tmp_path, monkeypatch, capsys, s3):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    code = local_run.main(["--out", str(tmp_path / "out"), "--data-uri", "s3://no-such-bucket/voc"])
     out = capsys.readouterr()
     assert code == 2
     last = out.err.strip().splitlines()[-1]

@@ -93,6 +93,7 @@ def finished_epochs(caplog) -> list[int]:
             if r.name == "cdsp.train" and r.getMessage().startswith("epoch ")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["segmenter", "classifier"])
 def test_sigterm_to_the_process_group_with_workers_checkpoints_and_the_retry_resumes(stage, tiny, tmp_path, caplog):
     command = seg_command if stage == "segmenter" else cls_command
@@ -157,6 +158,7 @@ raise SystemExit(143)  # the iterator is still alive: shutting its workers down 
 """
 
 
+@pytest.mark.slow
 def test_workers_outlive_a_group_sigterm_and_still_stop_with_their_main_process(tmp_path):
     log = tmp_path / "workers.log"
     proc = start([sys.executable, "-c", WORKERS], log, new_session=True)
@@ -245,6 +247,7 @@ train.train_segmenter(a["data"], a["pseudo"], a["out"], SegTrainConfig(**a["sett
 """
 
 
+@pytest.mark.slow
 def test_a_step_killed_outright_resumes_mid_epoch_from_its_last_timed_checkpoint(tiny, tmp_path, caplog):
     settings = config.to_dict(SegTrainConfig(**{**SEG, "checkpoint_minutes": 1e-9}))
     root = tmp_path / "mirror"

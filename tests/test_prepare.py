@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from services import s3_server
 from tiny_data import REPO, bomb_png, leftovers, tiny_dataset, write_label
 
 from cdsp_core import cli, data, prepare, storage
@@ -218,6 +217,7 @@ def test_a_failed_prepare_keeps_the_previous_manifest(root, tmp_path):
     assert leftovers(tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_cli_in_a_subprocess(root, tmp_path):
     """The installed entry point, as a user runs it: one line of reason and exit code 2."""
     _missing_scribble(root)
@@ -259,25 +259,20 @@ def test_prepare_the_real_sample(sample_dir, tmp_path):
 # S3 data (moto's S3 server on 127.0.0.1)
 
 
-def test_prepare_from_s3(root, tmp_path, monkeypatch):
+def test_prepare_from_s3(root, tmp_path, s3):
     local = prepare.prepare(str(root), str(tmp_path / "local"))
-    with s3_server(tmp_path / "moto") as s3:
-        for k, v in s3.env().items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-        monkeypatch.delenv("AWS_PROFILE", raising=False)
-        s3.client().create_bucket(Bucket="scribbles")
-        storage.upload_dir(str(root), "s3://scribbles/voc")
-        out = tmp_path / "work" / "prepared"
-        m = prepare.prepare("s3://scribbles/voc", str(out))  # S3 data is always copied
-        assert m["copied"] is True and m["source"] == "s3://scribbles/voc"
-        assert m["fingerprint"] == local["fingerprint"]
-        index = data.load_index(out)
-        assert len(index.train) == 3 and index.train[0].image.is_file()
-        assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["prepared"]  # download folder gone
-        # bad data on S3: the error names the object, nothing is left behind
-        write_label(root / "pascal_2012_scribble" / "train_00002.png", np.full((30, 40), 255))
-        storage.upload_dir(str(root), "s3://scribbles/voc")
-        with pytest.raises(CdspError, match=r"s3://scribbles/voc/pascal_2012_scribble/train_00002\.png: scribble"):
-            prepare.prepare("s3://scribbles/voc", str(tmp_path / "work" / "second"))
-        assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["prepared"]
+    bucket = s3.new_bucket("scribbles")
+    storage.upload_dir(str(root), f"s3://{bucket}/voc")
+    out = tmp_path / "work" / "prepared"
+    m = prepare.prepare(f"s3://{bucket}/voc", str(out))  # S3 data is always copied
+    assert m["copied"] is True and m["source"] == f"s3://{bucket}/voc"
+    assert m["fingerprint"] == local["fingerprint"]
+    index = data.load_index(out)
+    assert len(index.train) == 3 and index.train[0].image.is_file()
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["prepared"]  # download folder gone
+    # bad data on S3: the error names the object, nothing is left behind
+    write_label(root / "pascal_2012_scribble" / "train_00002.png", np.full((30, 40), 255))
+    storage.upload_dir(str(root), f"s3://{bucket}/voc")
+    with pytest.raises(CdspError, match=rf"s3://{bucket}/voc/pascal_2012_scribble/train_00002\.png: scribble"):
+        prepare.prepare(f"s3://{bucket}/voc", str(tmp_path / "work" / "second"))
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["prepared"]

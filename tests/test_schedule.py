@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import services
 import torch
 from kfp import dsl
 from PIL import Image
@@ -66,8 +65,8 @@ def mlflow_children(parent_run_id: str) -> dict[str, str]:
 def call(component, arguments: dict, **given):
     """One component's function, called in this process: `given` artifacts and upstream outputs,
     every other input from the pipeline arguments (as the DAG wires them)."""
-    names = inspect.signature(component.python_func).parameters
-    return component.python_func(**given, **{n: arguments[n] for n in names if n not in given and n in arguments})
+    names = inspect.signature(component).parameters
+    return component(**given, **{n: arguments[n] for n in names if n not in given and n in arguments})
 
 
 def add_scribbles(s3, bucket: str, key: str, gt_path: Path) -> int:
@@ -85,103 +84,106 @@ def add_scribbles(s3, bucket: str, key: str, gt_path: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monkeypatch, capsys, request):
-    with services.s3_server(tmp_path / "s3") as s3_srv, services.pushgateway(tmp_path / "pgw") as gateway:
-        for k, v in s3_srv.env().items():
-            monkeypatch.setenv(k, v)  # the pipeline's steps inherit the environment
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-        monkeypatch.setenv("PUSHGATEWAY_URL", gateway.url)
-        s3 = s3_srv.client()
-        s3.create_bucket(Bucket="scribbles")
-        data = synth.make_dataset(tmp_path / "data", n_train=8, n_val=4, size=32)
-        storage.upload_dir(data, "s3://scribbles/voc")
-        args = local_run.pipeline_arguments("cpu", {**TINY, "data_uri": "s3://scribbles/voc"})
+def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monkeypatch, capsys, request,
+                                                                 s3_service, pushgateway_service):
+    for k, v in s3_service.env().items():
+        monkeypatch.setenv(k, v)  # the pipeline's steps inherit the environment
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    gateway = pushgateway_service
+    monkeypatch.setenv("PUSHGATEWAY_URL", gateway.url)
+    s3 = s3_service.client()
+    bucket = s3_service.new_bucket("scribbles")
+    data = synth.make_dataset(tmp_path / "data", n_train=8, n_val=4, size=32)
+    storage.upload_dir(data, f"s3://{bucket}/voc")
+    args = local_run.pipeline_arguments("cpu", {**TINY, "data_uri": f"s3://{bucket}/voc"})
 
-        # A. the first run trains everything and promotes (there is no champion yet)
-        a = local_run.run(args, tmp_path / "out")
-        run_a = Path(a["run_dir"])
-        assert a["trained"] and a["promoted"]
-        assert 0.0 <= a["metrics"]["miou"] <= 1.0 and "background" in a["metrics"]["per_class_iou"]
-        assert set(a["metrics"]["per_class_iou"]) <= set(synth.CLASSES)
-        assert "| background |" in a["report"]
-        prepared = run_a / "data-prep" / "prepared"
-        assert json.loads((prepared / "manifest.json").read_text())["n_train"] == 8
-        assert (prepared / "JPEGImages").is_dir()  # the s3:// data was copied into the Dataset artifact
-        for step in ("train-classifier/classifier", "train-segmenter/model"):
-            assert (run_a / step / "model.pt").is_file(), step
-        html = (run_a / "evaluate" / "report").read_text()
-        assert "data:image/png;base64," in html and "promoted to champion" in html
-        champion = tracking.champion_info()
-        assert champion["fingerprint"] == a["fingerprint"] and champion["miou"] == pytest.approx(
-            a["metrics"]["miou"], abs=1e-6)
-        parent = (run_a / "data-prep" / "mlflow_run_id").read_text()
-        children = mlflow_children(parent)
-        assert set(children) == STAGES
+    # A. the first run trains everything and promotes (there is no champion yet)
+    a = local_run.run(args, tmp_path / "out")
+    run_a = Path(a["run_dir"])
+    assert a["trained"] and a["promoted"]
+    assert 0.0 <= a["metrics"]["miou"] <= 1.0 and "background" in a["metrics"]["per_class_iou"]
+    assert set(a["metrics"]["per_class_iou"]) <= set(synth.CLASSES)
+    assert "| background |" in a["report"]
+    prepared = run_a / "data-prep" / "prepared"
+    assert json.loads((prepared / "manifest.json").read_text())["n_train"] == 8
+    assert (prepared / "JPEGImages").is_dir()  # the s3:// data was copied into the Dataset artifact
+    for step in ("train-classifier/classifier", "train-segmenter/model"):
+        assert (run_a / step / "model.pt").is_file(), step
+    html = (run_a / "evaluate" / "report").read_text()
+    assert "data:image/png;base64," in html and "promoted to champion" in html
+    champion = tracking.champion_info()
+    assert champion["fingerprint"] == a["fingerprint"] and champion["miou"] == pytest.approx(
+        a["metrics"]["miou"], abs=1e-6)
+    parent = (run_a / "data-prep" / "mlflow_run_id").read_text()
+    children = mlflow_children(parent)
+    assert set(children) == STAGES
 
-        assert _client().get_metric_history(children["train_segmenter"], "loss")
-        with urllib.request.urlopen(gateway.url + "/metrics", timeout=10) as r:
-            pushed = r.read().decode()
-        assert 'cdsp_stage_last_success_timestamp_seconds{' in pushed and 'job="cdsp_train_segmenter"' in pushed
-        assert "cdsp_training_loss{" in pushed
+    assert _client().get_metric_history(children["train_segmenter"], "loss")
+    with urllib.request.urlopen(gateway.url + "/metrics", timeout=10) as r:
+        pushed = r.read().decode()
+    label = f'pipeline_run="{_client().get_run(parent).data.tags[tracking.TAG_PIPELINE_RUN]}"'
+    ours = [line for line in pushed.splitlines() if label in line]  # the gateway is the session's
+    assert any(line.startswith("cdsp_stage_last_success_timestamp_seconds{") and 'job="cdsp_train_segmenter"' in line
+               for line in ours)
+    assert any(line.startswith("cdsp_training_loss{") for line in ours)
 
-        # B. same data (a recurring run): the condition skips training, and the CLI says so
-        capsys.readouterr()
-        assert local_run.main(["--out", str(tmp_path / "out"), "--data-uri", "s3://scribbles/voc",
-                               *cli_flags(TINY)]) == 0
-        printed = capsys.readouterr().out
-        assert "Training skipped" in printed and a["fingerprint"][:16] in printed
-        run_b = max((tmp_path / "out" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
-        assert run_b != run_a and sorted(p.name for p in run_b.iterdir()) == ["data-prep"]
-        assert "skip training" in (run_b / "data-prep" / "data_report").read_text()
-        assert tracking.champion_info()["version"] == champion["version"]
+    # B. same data (a recurring run): the condition skips training, and the CLI says so
+    capsys.readouterr()
+    assert local_run.main(["--out", str(tmp_path / "out"), "--data-uri", f"s3://{bucket}/voc",
+                           *cli_flags(TINY)]) == 0
+    printed = capsys.readouterr().out
+    assert "Training skipped" in printed and a["fingerprint"][:16] in printed
+    run_b = max((tmp_path / "out" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    assert run_b != run_a and sorted(p.name for p in run_b.iterdir()) == ["data-prep"]
+    assert "skip training" in (run_b / "data-prep" / "data_report").read_text()
+    assert tracking.champion_info()["version"] == champion["version"]
 
-        # C. new scribbles, and a val split that changed too: it trains again, with pseudo-labels from
-        # elsewhere (s3://), and re-evaluates the champion on the new val split before deciding. The
-        # steps run in this process here, each as kfp's executor would call it: through the local
-        # runner every step would pay its own torch and MLflow imports again (~10 s on this machine).
-        added = add_scribbles(s3, "scribbles", "voc/pascal_2012_scribble/train_00000.png",
-                              data / "SegmentationClass" / "train_00000.png")
-        assert added > 0
-        val_ids = (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
-        s3.put_object(Bucket="scribbles", Key="voc/ImageSets/Segmentation/val.txt",
-                      Body=("\n".join(val_ids[:-1]) + "\n").encode())
-        storage.upload_dir(run_a / "pseudo-label" / "pseudo_labels", "s3://scribbles/external-pseudo")
-        args_c = {**args, "external_pseudo_uri": "s3://scribbles/external-pseudo"}
-        steps = stages.build("cdsp-cpu:test", "cdsp-cuda:test")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as the local run does on a busy machine (OpenMP threads spin)
-        request.addfinalizer(lambda: torch.set_num_threads(threads))
-        out = tmp_path / "c"
-        prepared = dsl.Dataset(uri=str(out / "prepared"), metadata={})
-        assert call(steps["data_prep"], args_c, prepared=prepared, data_report=dsl.Markdown(uri=str(out / "report.md")),
-                    fingerprint=str(out / "fingerprint"), mlflow_run_id=str(out / "run_id"),
-                    pipeline_run_id="schedule-c") is True
-        fingerprint = (out / "fingerprint").read_text()
-        assert fingerprint not in (a["fingerprint"], "")
-        run = {"mlflow_run_id": (out / "run_id").read_text(), "pipeline_run_id": "schedule-c"}
-        classifier = dsl.Model(uri=str(out / "classifier"), metadata={})
-        call(steps["train_classifier"], args_c, prepared=prepared, classifier=classifier,
-             classifier_metrics=dsl.Metrics(uri=str(out / "m1")), **run)
-        assert (out / "classifier" / "NOT_TRAINED").is_file() and not (out / "classifier" / "model.pt").exists()
-        pseudo = dsl.Dataset(uri=str(out / "pseudo"), metadata={})
-        call(steps["pseudo_label"], args_c, prepared=prepared, classifier=classifier, pseudo_labels=pseudo,
-             pseudo_metrics=dsl.Metrics(uri=str(out / "m2")), **run)
-        model = dsl.Model(uri=str(out / "model"), metadata={})
-        version = call(steps["train_segmenter"], args_c, prepared=prepared, pseudo_labels=pseudo, model=model,
-                       train_metrics=dsl.Metrics(uri=str(out / "m3")), **run)
-        assert version != champion["version"]
-        metrics = dsl.Metrics(uri=str(out / "m4"))
-        promoted = call(steps["evaluate"], args_c, prepared=prepared, model=model, metrics=metrics,
-                        report=dsl.HTML(uri=str(out / "report.html")), evaluation=dsl.Artifact(uri=str(out / "eval")),
-                        fingerprint=fingerprint, model_version=version, **run)
+    # C. new scribbles, and a val split that changed too: it trains again, with pseudo-labels from
+    # elsewhere (s3://), and re-evaluates the champion on the new val split before deciding. The
+    # steps run in this process here, each as kfp's executor would call it: through the local
+    # runner every step would pay its own torch and MLflow imports again (~10 s on this machine).
+    added = add_scribbles(s3, bucket, "voc/pascal_2012_scribble/train_00000.png",
+                          data / "SegmentationClass" / "train_00000.png")
+    assert added > 0
+    val_ids = (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    s3.put_object(Bucket=bucket, Key="voc/ImageSets/Segmentation/val.txt",
+                  Body=("\n".join(val_ids[:-1]) + "\n").encode())
+    storage.upload_dir(run_a / "pseudo-label" / "pseudo_labels", f"s3://{bucket}/external-pseudo")
+    args_c = {**args, "external_pseudo_uri": f"s3://{bucket}/external-pseudo"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the local run does on a busy machine (OpenMP threads spin)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    out = tmp_path / "c"
+    prepared = dsl.Dataset(uri=str(out / "prepared"), metadata={})
+    assert call(stages.data_prep, args_c, prepared=prepared, data_report=dsl.Markdown(uri=str(out / "report.md")),
+                fingerprint=str(out / "fingerprint"), mlflow_run_id=str(out / "run_id"),
+                pipeline_run_id="schedule-c") is True
+    fingerprint = (out / "fingerprint").read_text()
+    assert fingerprint not in (a["fingerprint"], "")
+    run = {"mlflow_run_id": (out / "run_id").read_text(), "pipeline_run_id": "schedule-c"}
+    classifier = dsl.Model(uri=str(out / "classifier"), metadata={})
+    call(stages.train_classifier, args_c, prepared=prepared, classifier=classifier,
+         classifier_metrics=dsl.Metrics(uri=str(out / "m1")), **run)
+    assert (out / "classifier" / "NOT_TRAINED").is_file() and not (out / "classifier" / "model.pt").exists()
+    pseudo = dsl.Dataset(uri=str(out / "pseudo"), metadata={})
+    call(stages.pseudo_label, args_c, prepared=prepared, classifier=classifier, pseudo_labels=pseudo,
+         pseudo_metrics=dsl.Metrics(uri=str(out / "m2")), **run)
+    model = dsl.Model(uri=str(out / "model"), metadata={})
+    version = call(stages.train_segmenter, args_c, prepared=prepared, pseudo_labels=pseudo, model=model,
+                   train_metrics=dsl.Metrics(uri=str(out / "m3")), **run)
+    assert version != champion["version"]
+    metrics = dsl.Metrics(uri=str(out / "m4"))
+    promoted = call(stages.evaluate, args_c, prepared=prepared, model=model, metrics=metrics,
+                    report=dsl.HTML(uri=str(out / "report.html")), evaluation=dsl.Artifact(uri=str(out / "eval")),
+                    fingerprint=fingerprint, model_version=version, **run)
 
 
-        reason = _client().get_model_version(tracking.MODEL_NAME, version).tags[
-            tracking.TAG_REASON]
-        # the champion was measured again on the new split, so the two mIoUs were compared
-        assert f"champion version {champion['version']} (" in reason and "not comparable" not in reason
-        assert promoted == ("does not beat" not in reason) == (metrics.metadata["promoted"] == 1.0)
-        now = tracking.champion_info()
-        assert now["version"] == (version if promoted else champion["version"])
-        assert now["fingerprint"] == (fingerprint if promoted else a["fingerprint"])
-        assert set(mlflow_children(run["mlflow_run_id"])) == STAGES - {"train_classifier"}
+    reason = _client().get_model_version(tracking.MODEL_NAME, version).tags[
+        tracking.TAG_REASON]
+    # the champion was measured again on the new split, so the two mIoUs were compared
+    assert f"champion version {champion['version']} (" in reason and "not comparable" not in reason
+    assert promoted == ("does not beat" not in reason) == (metrics.metadata["promoted"] == 1.0)
+    now = tracking.champion_info()
+    assert now["version"] == (version if promoted else champion["version"])
+    assert now["fingerprint"] == (fingerprint if promoted else a["fingerprint"])
+    assert set(mlflow_children(run["mlflow_run_id"])) == STAGES - {"train_classifier"}

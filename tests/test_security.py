@@ -27,7 +27,6 @@ import pytest
 import torch
 from kfp import dsl
 from mlflow import MlflowClient
-from services import pushgateway, s3_server
 from tiny_data import bomb_png, leftovers
 
 from cdsp_core import cli, models, prepare, storage, synth, tracking
@@ -60,30 +59,29 @@ def leaks(text: str | bytes) -> list[str]:
 
 
 def call(component, arguments: dict, **given):
-    """One step's function in this process, as kfp's executor calls it: `given` artifacts and
+    """One component function in this process, as kfp's executor calls it: `given` artifacts and
     upstream outputs, every other input from the pipeline arguments."""
-    names = inspect.signature(component.python_func).parameters
-    return component.python_func(**given, **{n: arguments[n] for n in names if n not in given and n in arguments})
+    names = inspect.signature(component).parameters
+    return component(**given, **{n: arguments[n] for n in names if n not in given and n in arguments})
 
 
 def run_all_steps(args: dict, out: Path) -> None:
     """data prep -> classifier -> pseudo-labels -> segmenter -> evaluation, wired as the DAG wires them."""
-    steps = stages.build("cdsp-cpu:test", "cdsp-cuda:test")
     prepared = dsl.Dataset(uri=str(out / "prepared"), metadata={})
-    assert call(steps["data_prep"], args, prepared=prepared, data_report=dsl.Markdown(uri=str(out / "data_report")),
+    assert call(stages.data_prep, args, prepared=prepared, data_report=dsl.Markdown(uri=str(out / "data_report")),
                 fingerprint=str(out / "fingerprint"), mlflow_run_id=str(out / "mlflow_run_id"),
                 pipeline_run_id="security-run") is True
     run = {"mlflow_run_id": (out / "mlflow_run_id").read_text(), "pipeline_run_id": "security-run"}
     classifier = dsl.Model(uri=str(out / "classifier"), metadata={})
-    call(steps["train_classifier"], args, prepared=prepared, classifier=classifier,
+    call(stages.train_classifier, args, prepared=prepared, classifier=classifier,
          classifier_metrics=dsl.Metrics(uri=str(out / "classifier_metrics")), **run)
     pseudo = dsl.Dataset(uri=str(out / "pseudo_labels"), metadata={})
-    call(steps["pseudo_label"], args, prepared=prepared, classifier=classifier, pseudo_labels=pseudo,
+    call(stages.pseudo_label, args, prepared=prepared, classifier=classifier, pseudo_labels=pseudo,
          pseudo_metrics=dsl.Metrics(uri=str(out / "pseudo_metrics")), **run)
     model = dsl.Model(uri=str(out / "model"), metadata={})
-    version = call(steps["train_segmenter"], args, prepared=prepared, pseudo_labels=pseudo, model=model,
+    version = call(stages.train_segmenter, args, prepared=prepared, pseudo_labels=pseudo, model=model,
                    train_metrics=dsl.Metrics(uri=str(out / "train_metrics")), **run)
-    call(steps["evaluate"], args, prepared=prepared, model=model, metrics=dsl.Metrics(uri=str(out / "metrics")),
+    call(stages.evaluate, args, prepared=prepared, model=model, metrics=dsl.Metrics(uri=str(out / "metrics")),
          report=dsl.HTML(uri=str(out / "report")), evaluation=dsl.Artifact(uri=str(out / "evaluation")),
          fingerprint=(out / "fingerprint").read_text(), model_version=version, **run)
 
@@ -118,65 +116,65 @@ def mlflow_records(client: MlflowClient, download_to: Path) -> dict[str, str]:
 
 @pytest.mark.timeout(600)
 def test_no_secret_in_the_compiled_pipeline_outputs_logs_or_mlflow(tmp_path, monkeypatch, caplog, capfd,
-                                                                   mlflow_service):
+                                                                   mlflow_service, s3_service, pushgateway_service):
     model_name = f"cdsp-segmenter-security-{uuid.uuid4().hex[:6]}"
     monkeypatch.setattr(tracking, "MODEL_NAME", model_name)
-    mlflow = mlflow_service
-    with s3_server(tmp_path / "s3") as s3, pushgateway(tmp_path / "pgw") as gateway:
-        env = {"AWS_ENDPOINT_URL_S3": s3.url, "AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": AWS_KEY_ID,
-               "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "MLFLOW_TRACKING_USERNAME": "cdsp-ci",
-               "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD, "MLFLOW_TRACKING_TOKEN": MLFLOW_TOKEN,
-               "MLFLOW_TRACKING_URI": mlflow.url.replace("http://", f"http://cdsp-ci:{URI_PASSWORD}@"),
-               "PUSHGATEWAY_URL": gateway.url.replace("http://", f"http://pusher:{PUSH_PASSWORD}@"),
-               "CDSP_PIPELINE_ROOT": "s3://artifacts/kfp", "CDSP_CACHE_DIR": str(tmp_path / "cache")}
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        for k in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-            monkeypatch.delenv(k, raising=False)
-        caplog.set_level(logging.INFO)  # what kfp's executor logs in a pod
+    mlflow, s3, gateway = mlflow_service, s3_service, pushgateway_service
+    env = {"AWS_ENDPOINT_URL_S3": s3.url, "AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": AWS_KEY_ID,
+           "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "MLFLOW_TRACKING_USERNAME": "cdsp-ci",
+           "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD, "MLFLOW_TRACKING_TOKEN": MLFLOW_TOKEN,
+           "MLFLOW_TRACKING_URI": mlflow.url.replace("http://", f"http://cdsp-ci:{URI_PASSWORD}@"),
+           "PUSHGATEWAY_URL": gateway.url.replace("http://", f"http://pusher:{PUSH_PASSWORD}@"),
+           "CDSP_PIPELINE_ROOT": "s3://artifacts/kfp", "CDSP_CACHE_DIR": str(tmp_path / "cache")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    caplog.set_level(logging.INFO)  # what kfp's executor logs in a pod
 
-        # the credentials are in use: data on S3, MLflow and the Pushgateway behind (ignored) auth
-        data = synth.make_dataset(tmp_path / "data", n_train=4, n_val=2, size=32, seed=11)
-        raw = s3.client()
-        raw.create_bucket(Bucket="scribbles")
-        storage.upload_dir(data, "s3://scribbles/voc")
+    # the credentials are in use: data on S3, MLflow and the Pushgateway behind (ignored) auth
+    data = synth.make_dataset(tmp_path / "data", n_train=4, n_val=2, size=32, seed=11)
+    bucket = s3.new_bucket("scribbles")
+    storage.upload_dir(data, f"s3://{bucket}/voc")
 
-        compiled = cdsp_pipeline.compile_pipeline(str(tmp_path / "pipeline.yaml"),
-                                                  cdsp_pipeline.cluster_settings())
-        args = local_run.pipeline_arguments("cpu", {**TINY, "data_uri": "s3://scribbles/voc", "force_train": True})
-        out = tmp_path / "out"
-        run_all_steps(args, out)
+    compiled = cdsp_pipeline.compile_pipeline(str(tmp_path / "pipeline.yaml"),
+                                              cdsp_pipeline.cluster_settings())
+    args = local_run.pipeline_arguments("cpu", {**TINY, "data_uri": f"s3://{bucket}/voc", "force_train": True})
+    out = tmp_path / "out"
+    run_all_steps(args, out)
 
-        # a cdsp command with -v (debug logging) on the same credentials: S3 data, an MLflow model URI
-        caplog.set_level(logging.DEBUG)
-        assert cli.main(["-v", "predict", "--model", f"models:/{model_name}@champion", "--images",
-                         "s3://scribbles/voc/JPEGImages", "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    # a cdsp command with -v (debug logging) on the same credentials: S3 data, an MLflow model URI
+    caplog.set_level(logging.DEBUG)
+    assert cli.main(["-v", "predict", "--model", f"models:/{model_name}@champion", "--images",
+                     f"s3://{bucket}/voc/JPEGImages", "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
 
-        outputs = {"compiled pipeline": Path(compiled).read_text()}
-        for folder in (out, tmp_path / "pred", tmp_path / "cache"):
-            for f in folder.rglob("*"):
-                if f.is_file():
-                    outputs[str(f)] = f.read_bytes().decode("latin-1")
-        captured = capfd.readouterr()
-        outputs["stdout"], outputs["stderr"] = captured.out, captured.err
-        outputs["log records"] = "\n".join(f"{r.name} {r.getMessage()} {r.args!r}" for r in caplog.records)
-        client = MlflowClient(mlflow.url, registry_uri=mlflow.url)
-        records = mlflow_records(client, tmp_path / "downloaded")
-        with urllib.request.urlopen(gateway.url + "/metrics", timeout=10) as r:
-            outputs["pushgateway"] = r.read().decode()
+    outputs = {"compiled pipeline": Path(compiled).read_text()}
+    for folder in (out, tmp_path / "pred", tmp_path / "cache"):
+        for f in folder.rglob("*"):
+            if f.is_file():
+                outputs[str(f)] = f.read_bytes().decode("latin-1")
+    captured = capfd.readouterr()
+    outputs["stdout"], outputs["stderr"] = captured.out, captured.err
+    outputs["log records"] = "\n".join(f"{r.name} {r.getMessage()} {r.args!r}" for r in caplog.records)
+    client = MlflowClient(mlflow.url, registry_uri=mlflow.url)
+    records = mlflow_records(client, tmp_path / "downloaded")
+    with urllib.request.urlopen(gateway.url + "/metrics", timeout=10) as r:
+        outputs["pushgateway"] = r.read().decode()
 
-        # it all ran and was recorded ...
-        assert len(outputs) > 20 and len(caplog.records) > 50 and "cdsp_training_loss" in outputs["pushgateway"]
-        stages_run = {r.data.tags.get(tracking.TAG_STAGE) for e in client.search_experiments()
-                      for r in client.search_runs([e.experiment_id])}
-        assert {"data_prep", "train_classifier", "pseudo_label", "train_segmenter", "evaluate"} <= stages_run
-        assert any(k.startswith("artifact") and k.endswith("MLmodel") for k in records)
-        assert any("s3://scribbles/voc" in text for where, text in records.items() if where.endswith("params"))
-        # ... and no secret anywhere
-        found = {where: leaks(text) for where, text in {**outputs, **records}.items()}
-        assert {where: s for where, s in found.items() if s} == {}
-        # (the environment still holds them, so the test itself did not lose them on the way)
-        assert os.environ["AWS_SECRET_ACCESS_KEY"] == AWS_SECRET
+    # it all ran and was recorded ...
+    assert len(outputs) > 20 and len(caplog.records) > 50
+    assert any(line.startswith("cdsp_training_loss") and 'pipeline_run="security-run"' in line
+               for line in outputs["pushgateway"].splitlines())  # the gateway is the session's
+    stages_run = {r.data.tags.get(tracking.TAG_STAGE) for e in client.search_experiments()
+                  for r in client.search_runs([e.experiment_id])}
+    assert {"data_prep", "train_classifier", "pseudo_label", "train_segmenter", "evaluate"} <= stages_run
+    assert any(k.startswith("artifact") and k.endswith("MLmodel") for k in records)
+    assert any(f"s3://{bucket}/voc" in text for where, text in records.items() if where.endswith("params"))
+    # ... and no secret anywhere
+    found = {where: leaks(text) for where, text in {**outputs, **records}.items()}
+    assert {where: s for where, s in found.items() if s} == {}
+    # (the environment still holds them, so the test itself did not lose them on the way)
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == AWS_SECRET
 
 
 # ---------------------------------------------------------------------------- checkpoints cannot run code
@@ -281,18 +279,14 @@ def test_images_keep_secrets_and_build_context_out():
 # ---------------------------------------------------------------------------- decompression bombs from S3
 
 
-def dataset_on_s3(s3, root, name: str, monkeypatch) -> str:
-    """Point the AWS env at the moto server `s3` and upload `root` to s3://<new bucket>/voc; the bucket."""
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
-    s3.client().create_bucket(Bucket=bucket)
+def dataset_on_s3(s3, root, name: str) -> str:
+    """Upload `root` to s3://<new bucket>/voc on the moto server `s3` (conftest's fixture); the bucket."""
+    bucket = s3.new_bucket(name)
     storage.upload_dir(root, f"s3://{bucket}/voc")
     return bucket
 
 
-def test_a_decompression_bomb_served_from_s3_is_refused_before_decoding(tmp_path, monkeypatch, capsys):
+def test_a_decompression_bomb_served_from_s3_is_refused_before_decoding(tmp_path, s3, capsys):
     root = synth.make_dataset(tmp_path / "data", n_train=2, n_val=1, size=32, seed=4)
     model_dir = tmp_path / "model"  # a real (untrained) segmenter to predict with
     model_dir.mkdir()
@@ -301,45 +295,42 @@ def test_a_decompression_bomb_served_from_s3_is_refused_before_decoding(tmp_path
     bomb = bomb_png(tmp_path / "bomb.png", width=30000, height=30000)  # 900 Mpx in 100 bytes
     assert bomb.stat().st_size < 1000
     bomb.replace(root / "JPEGImages" / "train_00001.jpg")
-    with s3_server(tmp_path / "s3") as s3:
-        bucket = dataset_on_s3(s3, root, "bomb", monkeypatch)
-        for args in (["prepare", "--data", f"s3://{bucket}/voc", "--out", tmp_path / "prepared"],
-                     ["predict", "--model", model_dir, "--images", f"s3://{bucket}/voc/JPEGImages",
-                      "--out", tmp_path / "pred", "--device", "cpu"]):
-            capsys.readouterr()
-            rc = cli.main([str(a) for a in args])
-            err = capsys.readouterr().err.strip()
-            assert rc == 2 and "\n" not in err, err
-            assert "train_00001.jpg: image is too large (Pillow's decompression-bomb limit" in err, err
-            # the object the user knows, not its copy in a temporary download folder
-            assert f"error: s3://{bucket}/voc/JPEGImages/train_00001.jpg: image is too large" in err, err
-            assert "cdsp-images-" not in err and ".download." not in err, err
-        assert not (tmp_path / "prepared").exists() and not (tmp_path / "pred").exists()
-        assert leftovers(tmp_path) == []
+    bucket = dataset_on_s3(s3, root, "bomb")
+    for args in (["prepare", "--data", f"s3://{bucket}/voc", "--out", tmp_path / "prepared"],
+                 ["predict", "--model", model_dir, "--images", f"s3://{bucket}/voc/JPEGImages",
+                  "--out", tmp_path / "pred", "--device", "cpu"]):
+        capsys.readouterr()
+        rc = cli.main([str(a) for a in args])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "\n" not in err, err
+        assert "train_00001.jpg: image is too large (Pillow's decompression-bomb limit" in err, err
+        # the object the user knows, not its copy in a temporary download folder
+        assert f"error: s3://{bucket}/voc/JPEGImages/train_00001.jpg: image is too large" in err, err
+        assert "cdsp-images-" not in err and ".download." not in err, err
+    assert not (tmp_path / "prepared").exists() and not (tmp_path / "pred").exists()
+    assert leftovers(tmp_path) == []
 
 
-def test_prepare_refuses_an_s3_object_over_the_byte_limit_before_downloading_anything(tmp_path, monkeypatch,
-                                                                                      capsys):
+def test_prepare_refuses_an_s3_object_over_the_byte_limit_before_downloading_anything(tmp_path, s3, capsys):
     root = synth.make_dataset(tmp_path / "data", n_train=2, n_val=1, size=32, seed=4)
     big = root / "JPEGImages" / "train_00001.jpg"
     big.write_bytes(big.read_bytes() + b"\0" * (1024 * 1024))  # a JPEG followed by 1 MiB of padding
     size = big.stat().st_size
-    with s3_server(tmp_path / "s3") as s3:
-        bucket = dataset_on_s3(s3, root, "huge", monkeypatch)
-        requests_before = len((s3.folder / "moto_server.log").read_text().splitlines())
-        capsys.readouterr()
-        rc = cli.main(["prepare", "--data", f"s3://{bucket}/voc", "--out", str(tmp_path / "prepared"),
-                       "--max-object-bytes", str(512 * 1024)])
-        err = capsys.readouterr().err.strip()
-        assert rc == 2 and "\n" not in err, err
-        assert err.endswith(f"s3://{bucket}/voc/JPEGImages/train_00001.jpg: {size} bytes, over the limit of "
-                            f"524288 bytes; refusing to download it (a larger limit: --max-object-bytes)"), err
-        assert not (tmp_path / "prepared").exists() and leftovers(tmp_path) == []
-        requests = (s3.folder / "moto_server.log").read_text().splitlines()[requests_before:]
-        assert any("list-type=2" in r for r in requests), requests  # it listed the prefix ...
-        assert not any(f"GET /{bucket}/voc/" in r for r in requests), requests  # ... and downloaded nothing
+    bucket = dataset_on_s3(s3, root, "huge")
+    requests_before = len((s3.folder / "moto_server.log").read_text().splitlines())
+    capsys.readouterr()
+    rc = cli.main(["prepare", "--data", f"s3://{bucket}/voc", "--out", str(tmp_path / "prepared"),
+                   "--max-object-bytes", str(512 * 1024)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    assert err.endswith(f"s3://{bucket}/voc/JPEGImages/train_00001.jpg: {size} bytes, over the limit of "
+                        f"524288 bytes; refusing to download it (a larger limit: --max-object-bytes)"), err
+    assert not (tmp_path / "prepared").exists() and leftovers(tmp_path) == []
+    requests = (s3.folder / "moto_server.log").read_text().splitlines()[requests_before:]
+    assert any("list-type=2" in r for r in requests), requests  # it listed the prefix ...
+    assert not any(f"GET /{bucket}/voc/" in r for r in requests), requests  # ... and downloaded nothing
 
-        # under the default limit (256 MiB) the same data is prepared
-        manifest = prepare.prepare(f"s3://{bucket}/voc", str(tmp_path / "prepared"))
-        assert manifest["n_train"] == 2 and prepare.MAX_OBJECT_BYTES == 256 * 1024 * 1024
-        assert (tmp_path / "prepared" / "JPEGImages" / "train_00001.jpg").stat().st_size == size
+    # under the default limit (256 MiB) the same data is prepared
+    manifest = prepare.prepare(f"s3://{bucket}/voc", str(tmp_path / "prepared"))
+    assert manifest["n_train"] == 2 and prepare.MAX_OBJECT_BYTES == 256 * 1024 * 1024
+    assert (tmp_path / "prepared" / "JPEGImages" / "train_00001.jpg").stat().st_size == size

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from services import TcpRelay, s3_server
+from services import TcpRelay
 
 from cdsp_core import storage
 from cdsp_core.errors import CdspError
@@ -17,23 +17,11 @@ from cdsp_core.errors import CdspError
 MB = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        yield server
-
-
 @pytest.fixture
 def bucket(s3, monkeypatch) -> str:
-    """A fresh bucket, with boto3's variables pointing at the server."""
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    """A fresh bucket on the session's server (boto3's variables point at it: conftest's `s3`)."""
     monkeypatch.setattr(storage, "BACKOFF_S", 0.2)
-    name = f"b-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=name)
-    return name
+    return s3.new_bucket("b")
 
 
 def sha256(path: Path) -> str:

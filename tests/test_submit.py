@@ -34,6 +34,7 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_make_submit_to_an_unreachable_endpoint_is_one_line(package):
     port = closed_port()
     # -o: the venv and the compiled pipeline (the fixture's) are there already

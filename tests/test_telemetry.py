@@ -14,10 +14,10 @@ from services import free_port, pushgateway
 from cdsp_core import telemetry
 
 
-@pytest.fixture(scope="module")
-def gateway():
-    with pushgateway() as gw:
-        yield gw
+@pytest.fixture
+def gateway(pushgateway_service):
+    """The session's Pushgateway: each test pushes under its own `pipeline_run` label."""
+    return pushgateway_service
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -103,7 +103,16 @@ def test_serve_exposes_metrics_for_scraping():
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
-def test_gateway_stopped_mid_run_warns_once_and_recovers(gateway, caplog):
+@pytest.fixture
+def own_gateway(tmp_path):
+    """A Pushgateway of the test's own, for a test that stops it."""
+    with pushgateway(tmp_path / "pgw") as gw:
+        yield gw
+
+
+@pytest.mark.slow
+def test_gateway_stopped_mid_run_warns_once_and_recovers(own_gateway, caplog):
+    gateway = own_gateway
     run = "run-outage"
     m = telemetry.metrics_callback("train_segmenter", run, push_url=gateway.url, interval=0.5)
     with caplog.at_level(logging.INFO, "cdsp_core.telemetry"):

@@ -12,17 +12,17 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from PIL import Image
-from services import free_port, mlflow_server
+from services import TcpRelay, free_port
 from torch import nn
 
 from cdsp_core import config, tracking
 from cdsp_core.errors import CdspError
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as s:
-        yield s
+@pytest.fixture
+def server(mlflow_service):
+    """The session's `mlflow server`: each test keeps to its own experiments and model names."""
+    return mlflow_service
 
 
 @pytest.fixture
@@ -243,10 +243,14 @@ def test_registry_promotion_both_ways_and_resolve(mlflow_env, tmp_path, monkeypa
                      "--out", str(tmp_path / "pred2"), "--device", "cpu"]) == 2
 
 
-def test_server_stopped_mid_run(mlflow_env, server, tmp_path, caplog):
+def test_server_going_away_mid_run(mlflow_env, server, tmp_path, caplog, monkeypatch, request):
     """Metric logging never blocks while the server is away and catches up when it is back;
-    final recording fails with a clear error (after the local outputs are written)."""
+    final recording fails with a clear error (after the local outputs are written). The server
+    is the session's, so it goes away as its endpoint does: a relay in front of it is cut."""
     client = mlflow_env
+    relay = TcpRelay(server.port).start()
+    request.addfinalizer(relay.cut)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", relay.url)
     parent = tracking.start_pipeline_run(f"kfp-{uuid.uuid4().hex[:6]}", experiment=experiment())
     with caplog.at_level(logging.INFO, "cdsp_core.tracking"):
         with tracking.stage_run(parent, "train_segmenter") as run_id:
@@ -257,14 +261,14 @@ def test_server_stopped_mid_run(mlflow_env, server, tmp_path, caplog):
             while logger.pending and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert logger.delivered == 3
-            server.stop()
+            relay.cut()
             try:
                 started = time.monotonic()
                 for step in range(4, 11):
                     tracking.log_metrics({"loss": 1.0 / step}, step)
                 assert time.monotonic() - started < 0.5  # never waits on the server
                 (tmp_path / "model.pt").write_bytes(b"weights")  # the stage's local output
-                with pytest.raises(CdspError, match=rf"MLflow at {server.url}: could not record the final metrics"):
+                with pytest.raises(CdspError, match=rf"MLflow at {relay.url}: could not record the final metrics"):
                     tracking.log_final_metrics({"miou": 0.5})
                 with pytest.raises(CdspError, match="could not record"):
                     tracking.promote_if_better("1", 0.5, val_split="v")
@@ -273,7 +277,7 @@ def test_server_stopped_mid_run(mlflow_env, server, tmp_path, caplog):
                     time.sleep(0.05)
                 assert logger.failures >= 2 and logger.pending == 7
             finally:
-                server.start()  # same port, same database
+                relay.restore()  # same port, same server
     assert (tmp_path / "model.pt").read_bytes() == b"weights"
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage()
