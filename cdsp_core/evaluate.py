@@ -80,14 +80,33 @@ class ConfusionMatrix:
         return float(torch.nanmean(self.compute()[2]))
 
     def summary(self, class_names: Sequence[str]) -> dict:
-        """`miou`, `pixel_acc`, `per_class_iou` {name: iou} (present classes), `confusion_matrix`."""
+        """`miou`, `pixel_acc`, `per_class_iou` {name: iou} (present classes), `confusion_matrix`,
+        `predicted_classes` (the names predicted on at least one pixel) and `warnings`."""
         acc_global, _, iu = self.compute()
+        predicted = [name for name, n in zip(class_names, self.mat.sum(0).tolist()) if n]
+        never = [name for name, gt, pred in zip(class_names, self.mat.sum(1).tolist(), self.mat.sum(0).tolist())
+                 if gt and not pred]
+        warnings = []
+        if len(predicted) == 1:
+            warnings.append(f"{SINGLE_CLASS}: {predicted[0]} on every pixel")
+        elif never:
+            warnings.append(f"never predicted, though in the ground truth: {', '.join(never)}")
         return {
             "miou": float(torch.nanmean(iu)) if not torch.isnan(iu).all() else 0.0,
             "pixel_acc": float(acc_global) if self.mat.sum() else 0.0,
             "per_class_iou": {name: float(v) for name, v in zip(class_names, iu.tolist()) if not np.isnan(v)},
             "confusion_matrix": self.mat.tolist(),
+            "predicted_classes": predicted,
+            "warnings": warnings,
         }
+
+
+SINGLE_CLASS = "the model predicts a single class"
+
+
+def promotion_veto(metrics: dict) -> str:
+    """Why an evaluated model must not become champion whatever its mIoU ("" if no reason)."""
+    return next((w for w in metrics.get("warnings", []) if w.startswith(SINGLE_CLASS)), "")
 
 
 # ---------------------------------------------------------------------------- model folders
@@ -136,9 +155,10 @@ def build_model(info: dict) -> nn.Module:
     if info["kind"] == "classifier":
         return models.build_classifier(info["cls_backbone"], n, info["cls_output_stride"],
                                        width=info.get("cls_width", 64))
-    # Models written before output_stride and width were settings had stride 8 and width 64.
+    # Models written before output_stride, width and aspp_rates were settings had stride 8, width 64
+    # and the architecture's own rates.
     return models.build_segmenter(info["segmenter"], info["backbone"], n, output_stride=info.get("output_stride", 8),
-                                  width=info.get("width", 64))
+                                  width=info.get("width", 64), aspp_rates=info.get("aspp_rates", ""))
 
 
 def load_model(model_uri: str, device: torch.device | str = "cpu", kind: str | None = None) -> tuple[nn.Module, dict]:
@@ -274,7 +294,8 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 def write_report(path: Path, metrics: dict, title: str) -> None:
     lines = [f"# {title}", "", f"- mIoU: **{metrics['miou']:.4f}**", f"- pixel accuracy: {metrics['pixel_acc']:.4f}",
-             f"- images: {metrics['n_images']}", "", "| class | IoU |", "| --- | --- |"]
+             f"- images: {metrics['n_images']}", *(f"- **warning: {w}**" for w in metrics.get("warnings", [])),
+             "", "| class | IoU |", "| --- | --- |"]
     lines += [f"| {name} | {iou:.4f} |" for name, iou in metrics["per_class_iou"].items()]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
@@ -318,6 +339,8 @@ def evaluate(data_dir: str, model_dir: str, out_dir: str, cfg: EvalConfig, *, sp
         atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     log.info("%s: mIoU %.4f, pixel accuracy %.4f on %d images", split, metrics["miou"], metrics["pixel_acc"],
              len(items))
+    for warning in metrics["warnings"]:
+        log.warning("%s: %s (%s)", split, warning, model_dir)
     return metrics
 
 

@@ -353,16 +353,30 @@ class DeepLabV3Plus(nn.Module):
 SEGMENTERS: dict[str, type[nn.Module]] = {"deeplabv2": DeepLabV2, "deeplabv3p": DeepLabV3Plus}
 
 
+def parse_rates(text: str) -> tuple[int, ...]:
+    """Atrous rates from "6,12,18,24" ("" = none given)."""
+    try:
+        rates = tuple(int(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        rates = (0,)
+    if any(r < 1 for r in rates):
+        raise CdspError(f"aspp_rates: expected comma-separated positive integers, got {text!r}")
+    return rates
+
+
 def build_segmenter(name: str, backbone: str, n_classes: int, pretrained: str = "",
-                    output_stride: int = 8, width: int = 64) -> nn.Module:
+                    output_stride: int = 8, width: int = 64, aspp_rates: str = "") -> nn.Module:
     """DeepLab-v2 ("deeplabv2") or DeepLab-v3+ ("deeplabv3p") on a ResNet at output stride 8 (or 16).
 
     `pretrained` loads torchvision-layout ImageNet weights into the backbone ("" = from scratch).
+    `aspp_rates` ("6,12,18,24") replaces the head's atrous rates ("" = the architecture's own).
     """
     if name not in SEGMENTERS:
         raise CdspError(f"unknown segmenter {name!r} (choose from {', '.join(SEGMENTERS)})")
     _check_width_for_weights(width, pretrained)
-    model = SEGMENTERS[name](resnet(backbone, output_stride, include_top=False, width=width), n_classes)
+    rates = parse_rates(aspp_rates)
+    model = SEGMENTERS[name](resnet(backbone, output_stride, include_top=False, width=width), n_classes,
+                             **({"rates": rates} if rates else {}))
     if pretrained:
         load_pretrained(model, pretrained)
     return model
@@ -372,17 +386,24 @@ def build_segmenter(name: str, backbone: str, n_classes: int, pretrained: str = 
 
 
 class LoRM(nn.Module):
-    """Localisation rectification module (training only): F' = γ · m · softmax_j(cos(Q_i, K_j)) F_j.
+    """Localisation rectification module (training only): F' = γ · m · softmax_j(cos(Q_i, K_j) / τ) F_j.
 
     Q = W_q F, K = W_k F (1×1 convolutions C→C); m_i = 1 where the pseudo-label, resized to
     h×w by nearest neighbour, is foreground (1..C−1; 0 and 255 are not); γ a learnt scalar,
     initialised to 1. forward(features, pseudo_label) returns F'; the loss against F is
     `losses.lorm_loss(features, rectified)`. Kept out of the segmenter so inference and the
     saved model do not carry it; the training loop owns (and optimises) it.
+
+    τ = 1 is the method's: a cosine lies in [−1, 1], so over N positions no weight exceeds
+    e²/N and F'_i is close to the image's mean feature. A smaller τ lets each foreground
+    feature attend to the features most like it (`lorm_temperature`).
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, temperature: float = 1.0):
         super().__init__()
+        if not temperature > 0:
+            raise CdspError(f"lorm_temperature must be > 0, got {temperature}")
+        self.temperature = temperature
         self.query = nn.Conv2d(channels, channels, 1)
         self.key = nn.Conv2d(channels, channels, 1)
         self.gamma = nn.Parameter(torch.ones(()))
@@ -402,7 +423,7 @@ class LoRM(nn.Module):
         precision = torch.promote_types(features.dtype, torch.float32)
         q = F.normalize(self.query(features).flatten(2).to(precision), dim=1)  # B×C×N
         k = F.normalize(self.key(features).flatten(2).to(precision), dim=1)
-        attention = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # B×N×N, rows i sum to 1 over j
+        attention = torch.softmax(q.transpose(1, 2) @ k / self.temperature, dim=-1)  # B×N×N, rows sum to 1
         mask = self.foreground(pseudo_label, (h, w)).flatten(2).to(features.dtype)  # B×1×N
         consensus = features.flatten(2) @ attention.transpose(1, 2).to(features.dtype)  # Σ_j A_ij F_j, B×C×N
         return (self.gamma * mask * consensus).view(b, c, h, w)

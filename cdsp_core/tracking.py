@@ -676,12 +676,13 @@ def _champion(client):
 
 
 def promote_if_better(version: str, miou: float, *, val_split: str, fingerprint: str = "",
-                      run_id: str | None = None, champion_miou: float | None = None) -> dict:
+                      run_id: str | None = None, champion_miou: float | None = None, veto: str = "") -> dict:
     """Move the alias `champion` to `version` only if its mIoU beats the champion's on the same val split.
 
     The comparison needs both mIoUs on the same split (`val_split`, e.g. `val_split_id(manifest)`):
     a champion evaluated on another split is kept unless `champion_miou` (the champion
-    re-evaluated on this split) is given. The decision and its reason are written on the
+    re-evaluated on this split) is given. A `veto` (e.g. `evaluate.promotion_veto(metrics)`: the
+    model predicts a single class) keeps the champion whatever the mIoU. The decision and its reason are written on the
     version (tags and description) and, given `run_id` (default: the open stage run, if
     any), on that run. Returns {"promoted", "reason", "version", "miou", "champion_version",
     "champion_miou"}.
@@ -702,6 +703,8 @@ def promote_if_better(version: str, miou: float, *, val_split: str, fingerprint:
             champ_miou = float(champ.tags.get(TAG_MIOU, "nan"))
         if not math.isfinite(miou):
             promoted, reason = False, f"mIoU {miou} is not a number"
+        elif veto:
+            promoted, reason = False, f"{veto} (mIoU {miou:.4f}): not a usable segmenter"
         elif champ is None:
             promoted, reason = True, f"no champion yet; mIoU {miou:.4f} on val split {val_split}"
         elif champ_version == version:

@@ -172,7 +172,8 @@ def evaluate_step(prepared: Dataset, model: Model, metrics: Metrics, report: HTM
         if champion and champion["val_split"] != val_split and champion["version"] != model_version:
             champion_miou = champion_miou_on(prepared.path, champion["uri"], cfg, device)
         decision = tracking.promote_if_better(model_version, result["miou"], val_split=val_split,
-                                              fingerprint=fingerprint, champion_miou=champion_miou)
+                                              fingerprint=fingerprint, champion_miou=champion_miou,
+                                              veto=evaluate.promotion_veto(result))
         tracking.log_final_metrics({"promoted": float(decision["promoted"])})  # the rest went with log_evaluation
     kfp_metrics(metrics, {**{k: result[k] for k in ("miou", "pixel_acc")},
                           **{f"iou_{name}": iou for name, iou in result["per_class_iou"].items()},

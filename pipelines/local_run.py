@@ -156,7 +156,11 @@ def summary_text(result: dict, tracking_uri: str) -> str:
     lines = [""]
     if result["trained"]:
         m = result["metrics"]
-        verdict = "promoted to champion" if result["promoted"] else "not promoted: the champion is as good or better"
+        from cdsp_core.evaluate import promotion_veto
+
+        veto = promotion_veto(m)
+        verdict = "promoted to champion" if result["promoted"] else \
+            f"not promoted: {veto or 'the champion is as good or better'}"
         lines += [result["report"].strip(), "", f"mIoU {m['miou']:.4f}, pixel accuracy {m['pixel_acc']:.4f}; {verdict}"]
     else:
         lines += ["Training skipped: the champion model was trained on this very data "

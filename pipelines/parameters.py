@@ -41,10 +41,12 @@ def pipeline_function(wire: Callable[..., None]) -> Callable[..., None]:
         pretrained: str = "",
         width: int = 64,
         output_stride: int = 8,
+        aspp_rates: str = "",
         l_seg: float = 1.0,
         l_pseudo: float = 1.0,
         l_lorm: float = 1.0,
         lorm_scope: str = "all",
+        lorm_temperature: float = 1.0,
         l_ds: float = 1.0,
         l_dc: float = 1.0,
         seg_target: str = "scribble",
@@ -109,11 +111,16 @@ def pipeline_function(wire: Callable[..., None]) -> Callable[..., None]:
             width: backbone width (first-stage channels): 64 is torchvision's and needed for ImageNet weights; less is
                 cheaper, for from-scratch CPU runs
             output_stride: segmenter backbone output stride: 8 (the paper's) or 16 (about 3x cheaper)
+            aspp_rates: atrous rates of the segmenter head, comma-separated; empty: the architecture's own (DeepLab-v2
+                6,12,18,24, v3+ 6,12,18, made for 41x41 feature maps)
             l_seg: weight of the partial CE on scribbles (0 switches it off)
             l_pseudo: weight of the smoothed CE on pseudo-labels (0 switches it off)
             l_lorm: weight of the LoRM loss (0 switches it off)
             lorm_scope: positions the LoRM loss sums over: all (the method page's: off the foreground it shrinks the
                 features themselves) or foreground (pseudo-label foreground only)
+            lorm_temperature: temperature of LoRM's cosine attention, softmax(cos/t): 1 (the method's) spreads it over
+                the whole feature map, so every foreground feature is pulled toward the image's mean; smaller attends to
+                similar features
             l_ds: weight of the DEL on the scribble distance map (0 switches it off)
             l_dc: weight of the DEL on the boundary distance map (0 switches it off)
             seg_target: target of L_seg: scribble, or gt (full ground truth: the supervised baseline)
@@ -174,10 +181,12 @@ def pipeline_function(wire: Callable[..., None]) -> Callable[..., None]:
             pretrained=pretrained,
             width=width,
             output_stride=output_stride,
+            aspp_rates=aspp_rates,
             l_seg=l_seg,
             l_pseudo=l_pseudo,
             l_lorm=l_lorm,
             lorm_scope=lorm_scope,
+            lorm_temperature=lorm_temperature,
             l_ds=l_ds,
             l_dc=l_dc,
             seg_target=seg_target,

@@ -248,7 +248,7 @@ def test_pseudo_labels_with_classes_outside_the_list(work, capsys):
     Image.fromarray(np.full((32, 32), 9, np.uint8)).save(victim)  # class 9 of a 6-class dataset
     rc, err = cdsp(capsys, "train-seg", "--data", work / "data", "--pseudo", work / "pseudo", "--out",
                    work / "new-model", *seg_flags(workers=2))
-    refused(rc, err, "train-seg", victim, "class values [9] outside 0..5")
+    refused(rc, err, "train-seg", victim, "class values [9] outside 0..4")
     assert files_in(work / "new-model") == []
 
 

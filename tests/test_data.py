@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from tiny_data import bomb_png, tiny_dataset, write_jpeg, write_label
 
-from cdsp_core import data
+from cdsp_core import data, synth
 from cdsp_core.errors import CdspError
 
 # ---------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def test_split_lists_plain_crlf_no_final_newline_and_sbd_pairs(tmp_path):
 def test_load_index_of_the_synthetic_layout(tmp_path):
     root = tiny_dataset(tmp_path / "d", n_train=3, n_val=2)
     index = data.load_index(root)
-    assert index.classes[0] == "background" and len(index.classes) == 6
+    assert index.classes == synth.CLASSES
     assert index.split_dir == "ImageSets/Segmentation" and index.scribble_dir == "pascal_2012_scribble"
     assert [i.id for i in index.train] == ["train_00000", "train_00001", "train_00002"]
     assert [i.id for i in index.val] == ["val_00000", "val_00001"]

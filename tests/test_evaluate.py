@@ -59,6 +59,22 @@ def test_classes_absent_everywhere_are_left_out_and_false_positives_count():
     assert s["miou"] == pytest.approx((1 + 0.5 + 0) / 3)
 
 
+def test_a_model_that_predicts_one_class_is_flagged_and_vetoed():
+    cm = evaluate.ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 0, 0, 0]))  # background everywhere
+    s = cm.summary(["background", "a", "b"])
+    assert s["predicted_classes"] == ["background"]
+    assert s["warnings"] == [f"{evaluate.SINGLE_CLASS}: background on every pixel"]
+    assert evaluate.promotion_veto(s) == s["warnings"][0]
+
+    cm = evaluate.ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 0]))  # b never predicted: said, not vetoed
+    s = cm.summary(["background", "a", "b"])
+    assert s["warnings"] == ["never predicted, though in the ground truth: b"]
+    assert evaluate.promotion_veto(s) == ""
+    assert evaluate.promotion_veto({"miou": 0.5}) == ""  # metrics written before warnings existed
+
+
 def test_ground_truth_against_itself_is_one(sample_dir):
     index = data.load_index(sample_dir)
     cm = evaluate.ConfusionMatrix(len(index.classes))
@@ -83,7 +99,8 @@ def test_evaluate_writes_metrics_report_and_overlays(tiny):
     mat = np.array(m["confusion_matrix"])
     index = data.load_index(tiny / "data")
     labelled = sum(int((data.read_label(it.gt) != 255).sum()) for it in index.val)
-    assert mat.shape == (6, 6) and mat.sum() == labelled  # every labelled val pixel, at full resolution
+    n = len(synth.CLASSES)
+    assert mat.shape == (n, n) and mat.sum() == labelled  # every labelled val pixel, at full resolution
     assert m["pixel_acc"] == pytest.approx(np.trace(mat) / mat.sum())
     report = (out / "report.md").read_text()
     assert "| class | IoU |" in report and f"{m['miou']:.4f}" in report
@@ -167,7 +184,7 @@ def test_bad_model_folders_are_clear_errors(tiny, tmp_path):
     with pytest.raises(CdspError, match=r"model\.pt: corrupt"):
         evaluate.load_model(str(corrupt))
 
-    other = make_model_dir(tmp_path / "other", synth.CLASSES)  # weights for 6 classes, config says 7
+    other = make_model_dir(tmp_path / "other", synth.CLASSES)  # weights for 5 classes, config says 6
     info = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**info, "class_names": [*synth.CLASSES, "extra"]}))
     with pytest.raises(CdspError, match="do not fit"):

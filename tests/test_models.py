@@ -232,6 +232,19 @@ def test_channels_last_and_autocast(name):
     assert rect.shape == out["features"].shape and torch.isfinite(rect).all()
 
 
+def test_aspp_rates_replace_the_heads_dilations():
+    v2 = build_segmenter("deeplabv2", "resnet18", 3, width=8)
+    assert [c.dilation for c in v2.aspp] == [(6, 6), (12, 12), (18, 18), (24, 24)]  # the paper's
+    small = build_segmenter("deeplabv2", "resnet18", 3, width=8, aspp_rates="1,2,4,6")
+    assert [(c.dilation, c.padding) for c in small.aspp] == [((r, r), (r, r)) for r in (1, 2, 4, 6)]
+    v3 = build_segmenter("deeplabv3p", "resnet18", 3, width=8, aspp_rates="2, 3")
+    assert [m[0].dilation for m in v3.aspp.convs[1:-1]] == [(2, 2), (3, 3)]
+    assert small(torch.randn(1, 3, 40, 40))["out"].shape == (1, 3, 40, 40)
+    for bad in ("0,2", "a,b", "-1"):
+        with pytest.raises(CdspError, match="aspp_rates"):
+            build_segmenter("deeplabv2", "resnet18", 3, aspp_rates=bad)
+
+
 def test_unknown_segmenter():
     with pytest.raises(CdspError, match="deeplabv4"):
         build_segmenter("deeplabv4", "resnet18", 21)

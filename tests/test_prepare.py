@@ -144,9 +144,9 @@ def _wrong_size(root):
 
 def _class_out_of_range(root):
     scribble = data.read_label(root / "pascal_2012_scribble/val_00001.png")
-    scribble[3, 3] = 6  # 6 classes: 0..5
+    scribble[3, 3] = 6  # 5 classes: 0..4
     write_label(root / "pascal_2012_scribble/val_00001.png", scribble)
-    return r"val_00001\.png: scribble holds class index 6, outside the class list \(0\.\.5; 255 = unlabelled\)"
+    return r"val_00001\.png: scribble holds class index 6, outside the class list \(0\.\.4; 255 = unlabelled\)"
 
 
 def _gt_out_of_range(root):

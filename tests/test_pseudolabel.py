@@ -107,7 +107,7 @@ def test_bad_external_pseudo_labels_are_clear_errors_and_keep_the_old_output(tin
         pseudo_label(str(tiny / "data"), str(out), PseudoLabelConfig(), external_pseudo=str(bad))
 
     Image.fromarray(np.full((40, 40), 9, np.uint8)).save(victim)  # class 9 of a 6-class dataset
-    with pytest.raises(CdspError, match=rf"{victim}: class values \[9\] outside 0..5"):
+    with pytest.raises(CdspError, match=rf"{victim}: class values \[9\] outside 0..4"):
         pseudo_label(str(tiny / "data"), str(out), PseudoLabelConfig(), external_pseudo=str(bad))
 
     victim.unlink()

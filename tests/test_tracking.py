@@ -207,6 +207,12 @@ def test_registry_promotion_both_ways_and_resolve(mlflow_env, tmp_path, monkeypa
     assert not other["promoted"] and "0.6500 does not beat champion version 2 (0.7000) on val split val-2" \
         in other["reason"]
     assert tracking.champion_info()["val_split"] == "val-2" and tracking.champion_info()["miou"] == 0.7
+    # A model that predicts one class is never promoted, whatever its mIoU, and says so.
+    vetoed = tracking.promote_if_better("1", 0.99, val_split="val-2", veto="the model predicts a single class: "
+                                                                          "background on every pixel")
+    assert not vetoed["promoted"] and "single class" in vetoed["reason"]
+    assert client.get_model_version_by_alias(name, "champion").version == "2"
+    assert "single class" in client.get_model_version(name, "1").description
 
     # The logged model: pickle-free, with signature and input example.
     from mlflow.models import get_model_info
