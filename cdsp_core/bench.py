@@ -10,6 +10,8 @@ the CDSP loss terms, then evaluates it on the val split:
     scribble+pseudo        L_seg + L_pseudo
     scribble+pseudo+lorm   L_seg + L_pseudo + L_lorm
     cdsp                   L_seg + L_pseudo + L_lorm + L_ds + L_dc (the full method)
+    cdsp-paper-lorm        cdsp with LoRM exactly as the method page has it (all positions,
+                           temperature 1), whatever the preset's LoRM settings
     full-supervision       L_seg on the ground-truth masks (the ceiling)
     cdsp-drop0.5, scribble-only-drop0.5, cdsp-shrink0.5, scribble-only-shrink0.5
                            the same on degraded training scribbles (scribbles.degrade_dir)
@@ -84,6 +86,10 @@ class Run:
     terms: tuple[str, ...]  # the loss terms that are on
     scribbles: str = CLEAN  # CLEAN or a key of VARIANTS
     target: str = "scribble"  # L_seg's target: scribble, or gt for full supervision
+    settings: tuple[tuple[str, object], ...] = ()  # SegTrainConfig fields this run sets, whatever the config says
+
+
+PAPER_LORM = (("lorm_scope", "all"), ("lorm_temperature", 1.0))  # the method page's LoRM
 
 
 RUNS = (
@@ -92,6 +98,7 @@ RUNS = (
     Run("scribble+pseudo", ("seg", "pseudo")),
     Run("scribble+pseudo+lorm", ("seg", "pseudo", "lorm")),
     Run("cdsp", CDSP),
+    Run("cdsp-paper-lorm", CDSP, settings=PAPER_LORM),
     Run("full-supervision", ("seg",), target="gt"),
     *(Run(f"{name}-{variant}", terms, variant) for variant in VARIANTS
       for name, terms in (("cdsp", CDSP), ("scribble-only", ("seg",)))),
@@ -118,7 +125,7 @@ def run_config(run: Run, cfg: SegTrainConfig, seed: int) -> SegTrainConfig:
         if weights[f"l_{t}"] <= 0:
             raise CdspError(f"bench run {run.name} needs L_{t}, but --l-{t} is {weights[f'l_{t}']}; "
                             "give it a weight > 0")
-    return replace(cfg, **weights, seg_target=run.target, seed=seed)
+    return replace(cfg, **weights, **dict(run.settings), seg_target=run.target, seed=seed)
 
 
 def scribbles_label(run: Run) -> str:

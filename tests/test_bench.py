@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from tiny_data import tiny_dataset
@@ -23,10 +24,18 @@ def test_runs_switch_exactly_their_loss_terms():
     assert weights["pseudo-only"] == {"seg": 0.0, "pseudo": 0.5, "lorm": 0.0, "ds": 0.0, "dc": 0.0}
     cdsp = {"seg": 1.0, "pseudo": 0.5, "lorm": 1.0, "ds": 1.0, "dc": 1.0}
     assert weights["cdsp"] == weights["cdsp-shrink0.5"] == cdsp
+    assert weights["cdsp-paper-lorm"] == cdsp
     full = bench.run_config(bench.RUNS_BY_NAME["full-supervision"], cfg, 7)
     assert full.seg_target == "gt" and full.seed == 7
+    # the paper-LoRM row overrides the preset's LoRM settings, and only those
+    ours = replace(cfg, lorm_scope="foreground", lorm_temperature=0.1)
+    paper = bench.run_config(bench.RUNS_BY_NAME["cdsp-paper-lorm"], ours, 7)
+    assert (paper.lorm_scope, paper.lorm_temperature) == ("all", 1.0)
+    cdsp_run = bench.run_config(bench.RUNS_BY_NAME["cdsp"], ours, 7)
+    assert paper == replace(cdsp_run, lorm_scope="all", lorm_temperature=1.0)
     assert [r.name for r in bench.select_runs("all")] == [
-        "scribble-only", "pseudo-only", "scribble+pseudo", "scribble+pseudo+lorm", "cdsp", "full-supervision",
+        "scribble-only", "pseudo-only", "scribble+pseudo", "scribble+pseudo+lorm", "cdsp", "cdsp-paper-lorm",
+        "full-supervision",
         "cdsp-drop0.5", "scribble-only-drop0.5", "cdsp-shrink0.5", "scribble-only-shrink0.5"]
 
 

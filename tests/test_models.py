@@ -262,3 +262,23 @@ def test_lorm_mask_and_consensus():
     same = torch.randn(1, 4, 1, 1).expand(1, 4, 3, 3).contiguous()
     rect = lorm(same, torch.ones(1, 3, 3, dtype=torch.long))
     torch.testing.assert_close(rect, same)
+
+
+def test_lorm_temperature_sharpens_the_attention_toward_similar_features():
+    # two groups of positions with orthogonal features; Q = K = F (identity 1x1 convolutions)
+    a, b = torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 1.0, 0, 0])
+    feats = torch.stack([a, a, b, b, b, b]).T.reshape(1, 4, 2, 3)
+    fg = torch.ones(1, 2, 3, dtype=torch.long)
+    rectified = {}
+    for t in (1.0, 0.05):
+        lorm = LoRM(4, temperature=t)
+        for conv in (lorm.query, lorm.key):
+            torch.nn.init.eye_(conv.weight.view(4, 4))
+            torch.nn.init.zeros_(conv.bias)
+        rectified[t] = lorm(feats, fg).reshape(4, 6).T[0]  # F' at a position of group a
+    # at 1 the cosines 1 and 0 weigh e : 1, so 4 b's outweigh the 2 a's; at 0.05, a's own group alone
+    assert rectified[1.0][1] > rectified[1.0][0] / 2
+    torch.testing.assert_close(rectified[0.05], a, atol=1e-6, rtol=0)
+    for bad in (0.0, -1.0):
+        with pytest.raises(CdspError, match="lorm_temperature"):
+            LoRM(4, temperature=bad)
