@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -207,6 +208,16 @@ def add_arguments(parser: argparse.ArgumentParser, *classes: type) -> None:
                         help="named defaults: 'paper' (reference recipe) or 'cpu' (tiny, for a laptop)")
 
 
+def add_field_argument(parser: argparse.ArgumentParser, cls: type, name: str) -> None:
+    """One setting of `cls` as a flag of a command whose own config lacks it (`--device` and `--seed`
+    of cdsp train-classifier, `--device` of cdsp evaluate, ...): the flag and dest it has wherever
+    `cls` is added whole, with the field's default and help."""
+    f = next(f for f in fields_of(cls) if f.name == name)
+    typ = {"int": int, "float": float, "str": str}[f.type]
+    parser.add_argument(flag(name), dest=name, type=typ, default=f.default,
+                        help=f"{f.metadata['help']} (default: {f.default})")
+
+
 def build(cls: type[T], preset: str | None = None, overrides: dict[str, Any] | None = None) -> T:
     """An instance of `cls`: defaults, then the preset, then explicit overrides (None = unset).
 
@@ -231,15 +242,11 @@ def to_dict(*configs: Any) -> dict[str, Any]:
     return out
 
 
-def save(path: str, *configs: Any) -> None:
-    from cdsp_core.fsutil import atomic_write_text
-
-    atomic_write_text(path, json.dumps(to_dict(*configs), indent=2, sort_keys=True) + "\n")
-
-
-def load(cls: type[T], path: str) -> T:
-    with open(path, encoding="utf-8") as fh:
-        return build(cls, None, json.load(fh))
+def settings_digest(settings: Any) -> str:
+    """The SHA-256 (hex) of settings as canonical JSON (keys sorted; other types as str): the one way a
+    set of settings is hashed, to tell whether a finished step, a mirrored checkpoint or a dataset
+    (prepare's fingerprint) is the same as before."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # Settings of the Kubeflow pipeline itself (see pipelines/). They are not stage settings, so
