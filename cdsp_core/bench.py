@@ -352,6 +352,11 @@ def checks(rows: dict[str, dict]) -> list[dict]:
     return out
 
 
+def term_label(term: str) -> str:
+    """A loss term's column in results.md: L_<term>, LoRM for the rectification loss (the paper's name)."""
+    return "LoRM" if term == "lorm" else f"L_{term}"
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
@@ -368,8 +373,9 @@ def render_markdown(results: dict) -> str:
              f"{st.get('output_stride', 8)}, {st.get('optimizer', 'sgd')} lr {st['lr']:g}, {st['epochs']} epochs, "
              f"{seeds} seed(s) per run. "
              "mIoU in % on the val split: mean ± standard deviation over seeds (min–max).", "",
-             "| run | scribbles | L_seg | L_pseudo | LoRM | L_ds | L_dc | mIoU | Δ scribble-only | min–max | s/seed |",
-             "| --- | --- | :---: | :---: | :---: | :---: | :---: | ---: | ---: | ---: | ---: |"]
+             f"| run | scribbles | {' | '.join(term_label(t) for t in train.LOSS_TERMS)} | mIoU | Δ scribble-only "
+             "| min–max | s/seed |",
+             "| --- | --- |" + " :---: |" * len(train.LOSS_TERMS) + " ---: | ---: | ---: | ---: |"]
     for r in rows:
         m = r["miou"]
         ticks = " | ".join("✓" if t in r["losses"] else "" for t in train.LOSS_TERMS)
