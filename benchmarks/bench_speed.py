@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from cdsp_core import config, evaluate, pseudolabel, synth
+from cdsp_core import config, evaluate, modelfolder, pseudolabel, synth
 from cdsp_core.config import EvalConfig, PseudoLabelConfig, SegTrainConfig
 
 PRESET = "cpu"
@@ -47,8 +47,8 @@ def fake_model(folder: Path, kind: str) -> Path:
     cls = config.ClassifierConfig if kind == "classifier" else SegTrainConfig
     info = {**config.to_dict(config.build(cls, PRESET)), "kind": kind, "class_names": synth.CLASSES}
     folder.mkdir(parents=True)
-    torch.save(evaluate.build_model(info).state_dict(), folder / evaluate.MODEL_FILE)
-    (folder / evaluate.MODEL_CONFIG).write_text(json.dumps(info))
+    torch.save(modelfolder.build_model(info).state_dict(), folder / modelfolder.WEIGHTS)
+    (folder / modelfolder.CONFIG).write_text(json.dumps(info))
     return folder
 
 

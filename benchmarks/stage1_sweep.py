@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cdsp_core import cam, config, data, evaluate, train
+from cdsp_core import cam, config, data, evaluate, modelfolder, train
 from cdsp_core.config import ClassifierConfig, PseudoLabelConfig
 from cdsp_core.transforms import to_normalized_tensor
 
@@ -70,7 +70,7 @@ def main() -> int:
     jobs += [(folder, Path(folder)) for folder in args.classifier]
     for text, model_dir in jobs or [("", Path(args.work) / "preset")]:
         seconds = "cached"
-        if not (model_dir / evaluate.MODEL_FILE).exists():
+        if not (model_dir / modelfolder.WEIGHTS).exists():
             cfg = config.build(ClassifierConfig, args.preset, parse_variant(text))
             started = time.perf_counter()
             train.train_classifier(args.data, str(model_dir), cfg, device="cpu", seed=args.seed)

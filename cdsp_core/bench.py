@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -64,7 +63,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cdsp_core import config, data, evaluate, pseudolabel, scribbles, train
+from cdsp_core import config, data, evaluate, logs, pseudolabel, report, scribbles, tracking, train
 from cdsp_core.config import BenchConfig, ClassifierConfig, EvalConfig, PseudoLabelConfig, SegTrainConfig
 from cdsp_core.errors import CdspError
 from cdsp_core.fsutil import atomic_write_text
@@ -74,8 +73,7 @@ log = logging.getLogger("cdsp.bench")
 MARKER = "bench.json"
 RESULT = "result.json"
 STARTED = "started.json"
-TERMS = ("seg", "pseudo", "lorm", "ds", "dc")  # loss term t has the weight field l_<t>
-CDSP = TERMS
+CDSP = train.LOSS_TERMS  # the full method: every loss term
 CLEAN = "clean"
 VARIANTS = {"drop0.5": ("drop", 0.5), "shrink0.5": ("shrink", 0.5)}  # scribble variant -> degrade(mode, ratio)
 
@@ -120,11 +118,12 @@ def select_runs(text: str) -> list[Run]:
 
 def run_config(run: Run, cfg: SegTrainConfig, seed: int) -> SegTrainConfig:
     """The segmenter settings of one bench run: its terms keep their configured weights, the rest are 0."""
-    weights = {f"l_{t}": (getattr(cfg, f"l_{t}") if t in run.terms else 0.0) for t in TERMS}
+    configured = train.loss_weights(cfg)
     for t in run.terms:
-        if weights[f"l_{t}"] <= 0:
-            raise CdspError(f"bench run {run.name} needs L_{t}, but --l-{t} is {weights[f'l_{t}']}; "
-                            "give it a weight > 0")
+        if configured[t] <= 0:
+            raise CdspError(f"bench run {run.name} needs L_{t}, but {config.flag(train.LOSS_WEIGHTS[t])} is "
+                            f"{configured[t]}; give it a weight > 0")
+    weights = {train.LOSS_WEIGHTS[t]: (w if t in run.terms else 0.0) for t, w in configured.items()}
     return replace(cfg, **weights, **dict(run.settings), seg_target=run.target, seed=seed)
 
 
@@ -269,11 +268,10 @@ def tracked(bench_id: str, experiment: str, run: Run, seed: int, params: dict, s
     The MLflow run is keyed by the run's settings too: a resumed run finds its MLflow run again,
     a run redone with other settings gets a new one.
     """
-    from cdsp_core import tracking  # lazily: mlflow is only imported when logging
-
-    run_id = tracking.start_pipeline_run(f"{bench_id}.{run.name}.seed{seed}.{settings_key(settings)}",
-                                         experiment=experiment, params=params, bench=bench_id, bench_run=run.name,
-                                         seed=seed, scribbles=scribbles_label(run))
+    key = config.settings_digest(settings)[:8]
+    run_id = tracking.start_pipeline_run(f"{bench_id}.{run.name}.seed{seed}.{key}", experiment=experiment,
+                                         params=params, bench=bench_id, bench_run=run.name, seed=seed,
+                                         scribbles=scribbles_label(run))
     with tracking.stage_run(run_id, "train_segmenter"):
         outcome = work(tracking.log_metrics)
         final = {k: outcome[k] for k in ("miou", "pixel_acc", "per_class_iou", "seconds", "pseudo_miou")
@@ -282,23 +280,15 @@ def tracked(bench_id: str, experiment: str, run: Run, seed: int, params: dict, s
     return outcome
 
 
-def settings_key(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-
-
 def start_summary(bench_id: str, experiment: str, settings: dict) -> str:
     """The bench's own MLflow run (made first, so that an unreachable server stops the bench at once);
     one per bench folder and settings."""
-    from cdsp_core import tracking
-
-    return tracking.start_pipeline_run(f"{bench_id}.{settings_key(settings)}", experiment=experiment,
+    return tracking.start_pipeline_run(f"{bench_id}.{config.settings_digest(settings)[:8]}", experiment=experiment,
                                        params=settings, bench=bench_id, bench_run="summary")
 
 
 def log_summary(run_id: str, results: dict, out: Path) -> None:
     """results.json/results.md and the mean mIoU of every bench run on the bench's own MLflow run."""
-    from cdsp_core import tracking
-
     with tracking.stage_run(run_id, "results"):
         metrics = {f"miou_{r['name']}": r["miou"]["mean"] for r in results["runs"]}
         metrics.update({f"pseudo_miou_{v}": s["pseudo_miou"] for v, s in results["stage1"].items()
@@ -322,10 +312,8 @@ def run_job(job: dict) -> dict:
 def _worker_init(threads: int, level: int) -> None:
     import torch
 
-    from cdsp_core.cli import configure_logging
-
     torch.set_num_threads(threads)
-    configure_logging(level, "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s")
+    logs.configure(level, "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s")
 
 
 # ---------------------------------------------------------------------------- aggregation and report
@@ -339,7 +327,7 @@ def aggregate(run: Run, seg_cfg: SegTrainConfig, per_seed: list[dict], stage1: d
     classes = [c for c in per_seed[0]["per_class_iou"] if all(c in r["per_class_iou"] for r in per_seed)]
     return {
         "name": run.name,
-        "losses": {t: getattr(seg_cfg, f"l_{t}") for t in run.terms},
+        "losses": {t: w for t, w in train.loss_weights(seg_cfg).items() if t in run.terms},
         "scribbles": scribbles_label(run),
         "target": run.target,
         "miou": {"mean": mean, "std": std, "min": min(mious), "max": max(mious), "per_seed": mious},
@@ -371,6 +359,11 @@ def checks(rows: dict[str, dict]) -> list[dict]:
     return out
 
 
+def term_label(term: str) -> str:
+    """A loss term's column in results.md: L_<term>, LoRM for the rectification loss (the paper's name)."""
+    return "LoRM" if term == "lorm" else f"L_{term}"
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
@@ -387,11 +380,12 @@ def render_markdown(results: dict) -> str:
              f"{st.get('output_stride', 8)}, {st.get('optimizer', 'sgd')} lr {st['lr']:g}, {st['epochs']} epochs, "
              f"{seeds} seed(s) per run. "
              "mIoU in % on the val split: mean ± standard deviation over seeds (min–max).", "",
-             "| run | scribbles | L_seg | L_pseudo | LoRM | L_ds | L_dc | mIoU | Δ scribble-only | min–max | s/seed |",
-             "| --- | --- | :---: | :---: | :---: | :---: | :---: | ---: | ---: | ---: | ---: |"]
+             f"| run | scribbles | {' | '.join(term_label(t) for t in train.LOSS_TERMS)} | mIoU | Δ scribble-only "
+             "| min–max | s/seed |",
+             "| --- | --- |" + " :---: |" * len(train.LOSS_TERMS) + " ---: | ---: | ---: | ---: |"]
     for r in rows:
         m = r["miou"]
-        ticks = " | ".join("✓" if t in r["losses"] else "" for t in TERMS)
+        ticks = " | ".join("✓" if t in r["losses"] else "" for t in train.LOSS_TERMS)
         delta = "" if base is None or r["name"] == "scribble-only" else f"{100 * (m['mean'] - base):+.1f}"
         what = r["scribbles"] if r["target"] != "gt" else "ground truth"
         lines.append(f"| {r['name']} | {what} | {ticks} | {_pct(m['mean'])} ± {_pct(m['std'])} | {delta} | "
@@ -427,11 +421,9 @@ def render_markdown(results: dict) -> str:
             value = f"{100 * c['value']:.1f}%" if "95%" in c["target"] else f"{100 * c['value']:+.1f} points"
             lines.append(f"| {c['target']} | {value} | {'yes' if c['met'] else 'no'} |")
 
-    classes = list(dict.fromkeys(c for r in rows for c in r["per_class_iou"]))
     lines += ["", "## Per-class IoU (%, mean over seeds)", "",
-              "| run | " + " | ".join(classes) + " |", "| --- |" + " ---: |" * len(classes)]
-    lines += [f"| {r['name']} | " + " | ".join(_pct(r["per_class_iou"].get(c)) for c in classes) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+              report.iou_table({r["name"]: r["per_class_iou"] for r in rows}, percent=True)]
+    return "\n".join(lines)
 
 
 def write_results(out: Path, results: dict) -> None:

@@ -24,7 +24,6 @@ output artifact of the step).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -35,15 +34,14 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from cdsp_core import storage
-from cdsp_core.errors import CdspError
+from cdsp_core import config, storage
+from cdsp_core.errors import EXIT_PREEMPTED, CdspError
+from cdsp_core.modelfolder import CHECKPOINT
 
 log = logging.getLogger("cdsp.checkpoints")
 
 ENV = "CDSP_CHECKPOINT_ROOT"
-CHECKPOINT = "checkpoint.pt"
 SETTINGS = "settings.json"
-EXIT_PREEMPTED = 128 + signal.SIGTERM
 
 
 def root_for(pipeline_root: str, checkpoint_root: str = "") -> str:
@@ -51,10 +49,6 @@ def root_for(pipeline_root: str, checkpoint_root: str = "") -> str:
     if checkpoint_root:
         return checkpoint_root.rstrip("/")
     return f"{pipeline_root.rstrip('/')}/checkpoints" if pipeline_root else ""
-
-
-def settings_digest(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def data_fingerprint(data_dir: str | os.PathLike) -> str:
@@ -70,7 +64,7 @@ class CheckpointMirror:
 
     def __init__(self, root: str, pipeline_run_id: str, stage: str, settings: dict):
         self.enabled = bool(root and pipeline_run_id)
-        self.digest = settings_digest(settings)
+        self.digest = config.settings_digest(settings)
         self.prefix = ""
         if self.enabled:
             key = storage.check_key(f"{pipeline_run_id}/{stage}", f"{root}/{pipeline_run_id}/{stage}")

@@ -1,28 +1,20 @@
 """The `cdsp` command line: one subcommand per stage, each defined beside its logic.
 
 Every module in SUBCOMMAND_MODULES has `add_subcommand(subparsers)`, which adds its parser
-and sets `func` (called with the parsed namespace; returns an exit code or None).
+and sets `func` (called with the parsed namespace; returns an exit code or None). This module
+is the top of the import graph: nothing in cdsp_core imports it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
+from cdsp_core import bench, evaluate, logs, prepare, pseudolabel, scribbles, suggest, synth, train
 from cdsp_core.errors import CdspError
 
-SUBCOMMAND_MODULES = (
-    "cdsp_core.synth",
-    "cdsp_core.scribbles",
-    "cdsp_core.prepare",
-    "cdsp_core.train",
-    "cdsp_core.pseudolabel",
-    "cdsp_core.evaluate",
-    "cdsp_core.suggest",
-    "cdsp_core.bench",
-)
+SUBCOMMAND_MODULES = (synth, scribbles, prepare, train, pseudolabel, evaluate, suggest, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cdsp", description="Scribble-supervised semantic segmentation with CDSP.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).add_subcommand(sub)
+    for module in SUBCOMMAND_MODULES:
+        module.add_subcommand(sub)
     return parser
 
 
@@ -48,16 +40,10 @@ def one_line(e: CdspError) -> str:
     return " ".join(lines)
 
 
-def configure_logging(level: int, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
-    logging.basicConfig(level=level, format=fmt)
-    for name in ("botocore", "boto3", "s3transfer"):  # -v is for our lines: boto3's debug log
-        logging.getLogger(name).setLevel(logging.INFO)  # prints request headers, the access key id among them
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except CdspError as e:

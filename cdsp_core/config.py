@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -204,20 +205,33 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _add_field(parser: argparse.ArgumentParser | argparse._ArgumentGroup, f: dataclasses.Field, default: Any) -> None:
+    """The flag of one field: `--name VALUE`, or `--name/--no-name` for a bool."""
+    help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+    if f.type in ("bool", bool):
+        parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                            help=help_text)
+    else:
+        typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+        parser.add_argument(flag(f.name), dest=f.name, type=typ, default=default, help=help_text)
+
+
 def add_arguments(parser: argparse.ArgumentParser, *classes: type) -> None:
     """Add one flag per field of each dataclass (`--l-seg`, `--amp/--no-amp`, ...)."""
     for cls in classes:
         group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
         for f in fields_of(cls):
-            help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
-            if f.type in ("bool", bool):
-                group.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                   default=None, help=help_text)
-            else:
-                typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                group.add_argument(flag(f.name), dest=f.name, type=typ, default=None, help=help_text)
+            _add_field(group, f, None)  # None: unset, so that build() applies the preset
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="named defaults: 'paper' (reference recipe) or 'cpu' (tiny, for a laptop)")
+
+
+def add_field_argument(parser: argparse.ArgumentParser, cls: type, name: str) -> None:
+    """One setting of `cls` as a flag of a command whose own config lacks it (`--device` and `--seed`
+    of cdsp train-classifier, `--device` of cdsp evaluate, ...): the flag and dest it has wherever
+    `cls` is added whole, with the field's default (no preset applies here) and help."""
+    f = next(f for f in fields_of(cls) if f.name == name)
+    _add_field(parser, f, f.default)
 
 
 def build(cls: type[T], preset: str | None = None, overrides: dict[str, Any] | None = None) -> T:
@@ -244,15 +258,11 @@ def to_dict(*configs: Any) -> dict[str, Any]:
     return out
 
 
-def save(path: str, *configs: Any) -> None:
-    from cdsp_core.fsutil import atomic_write_text
-
-    atomic_write_text(path, json.dumps(to_dict(*configs), indent=2, sort_keys=True) + "\n")
-
-
-def load(cls: type[T], path: str) -> T:
-    with open(path, encoding="utf-8") as fh:
-        return build(cls, None, json.load(fh))
+def settings_digest(settings: Any) -> str:
+    """The SHA-256 (hex) of settings as canonical JSON (keys sorted; other types as str): the one way a
+    set of settings is hashed, to tell whether a finished step, a mirrored checkpoint or a dataset
+    (prepare's fingerprint) is the same as before."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # Settings of the Kubeflow pipeline itself (see pipelines/). They are not stage settings, so

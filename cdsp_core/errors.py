@@ -1,4 +1,9 @@
-"""The one exception type the CLI turns into a one-line reason and a non-zero exit."""
+"""How a cdsp process fails: the one exception type the CLI turns into a one-line reason and a
+non-zero exit, and the exit status of a pre-empted one."""
+
+import signal
+
+EXIT_PREEMPTED = 128 + signal.SIGTERM  # what a process killed by SIGTERM reports; training exits so on SIGTERM
 
 
 class CdspError(Exception):

@@ -24,18 +24,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cdsp_core import config, data, models
-from cdsp_core.config import EvalConfig
-from cdsp_core.errors import CdspError, load_failure
+from cdsp_core import config, data, modelfolder, report
+from cdsp_core.config import EvalConfig, SegTrainConfig
+from cdsp_core.errors import CdspError
 from cdsp_core.fsutil import atomic_path, atomic_write_text
 from cdsp_core.progress import progress
 from cdsp_core.transforms import to_normalized_tensor
 
 log = logging.getLogger("cdsp.evaluate")
-
-MODEL_FILE = "model.pt"
-MODEL_CONFIG = "config.json"
-
 
 # ---------------------------------------------------------------------------- confusion matrix
 
@@ -57,9 +53,6 @@ class ConfusionMatrix:
         pred = torch.as_tensor(pred).flatten().to(self.mat.device, torch.int64)
         k = (target >= 0) & (target < n) & (pred >= 0) & (pred < n)
         self.mat += torch.bincount(n * target[k] + pred[k], minlength=n * n).reshape(n, n)
-
-    def reset(self) -> None:
-        self.mat.zero_()
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pixel accuracy, per-class accuracy, per-class IoU); NaN where a class has no pixels."""
@@ -116,12 +109,12 @@ def resolve_model(uri: str) -> str:
     """The local folder of a model given as a path or an `s3://` URI (downloaded to a temp folder).
 
     This is the one place where a model reference becomes a folder; other schemes plug in
-    here, like MLflow's `models:/name@alias` (tracking.resolve_model).
+    here, like MLflow's `models:/name@alias` (registry.resolve_model).
     """
     if uri.startswith("models:/"):
-        from cdsp_core import tracking  # lazily: MLflow is only needed for registry URIs
+        from cdsp_core import registry  # lazily: MLflow is only needed for registry URIs
 
-        return tracking.resolve_model(uri)
+        return registry.resolve_model(uri)
     if uri.startswith("s3://"):
         from cdsp_core import storage  # lazily: boto3 is only needed for URIs
 
@@ -136,51 +129,9 @@ def resolve_model(uri: str) -> str:
     return uri
 
 
-def read_model_config(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / MODEL_CONFIG
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CdspError(f"{path}: missing (not a model folder written by cdsp train-classifier/train-seg)") from e
-    except (OSError, ValueError) as e:
-        raise CdspError(f"{path}: unreadable model config: {e}") from e
-    if not isinstance(info, dict) or info.get("kind") not in ("classifier", "segmenter") or not info.get("class_names"):
-        raise CdspError(f"{path}: not a cdsp model config (needs kind and class_names)")
-    return info
-
-
-def build_model(info: dict) -> nn.Module:
-    """The untrained network that a model config describes."""
-    n = len(info["class_names"])
-    if info["kind"] == "classifier":
-        return models.build_classifier(info["cls_backbone"], n, info["cls_output_stride"],
-                                       width=info.get("cls_width", 64))
-    # Models written before output_stride, width and aspp_rates were settings had stride 8, width 64
-    # and the architecture's own rates.
-    return models.build_segmenter(info["segmenter"], info["backbone"], n, output_stride=info.get("output_stride", 8),
-                                  width=info.get("width", 64), aspp_rates=info.get("aspp_rates", ""))
-
-
 def load_model(model_uri: str, device: torch.device | str = "cpu", kind: str | None = None) -> tuple[nn.Module, dict]:
     """(network in eval mode on `device`, its config.json) of a trained model folder or URI."""
-    model_dir = Path(resolve_model(model_uri))
-    info = read_model_config(model_dir)
-    if kind and info["kind"] != kind:
-        raise CdspError(f"{model_dir}: holds a {info['kind']}, but a {kind} is needed here")
-    model = build_model(info)
-    path = model_dir / MODEL_FILE
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise CdspError(f"{path}: missing (training did not finish? resume it with --resume)") from e
-    except Exception as e:  # truncated files and unpickling errors come in many types
-        raise CdspError(f"{path}: corrupt or unreadable weights ({load_failure(e)})") from e
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:  # another architecture or class count
-        raise CdspError(f"{path}: weights do not fit the architecture in {MODEL_CONFIG}: {str(e).splitlines()[0]}") \
-            from e
-    return model.to(device, memory_format=torch.channels_last).eval(), info
+    return modelfolder.load(resolve_model(model_uri), device, kind)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -198,8 +149,9 @@ def resolve_device(name: str) -> torch.device:
 # ---------------------------------------------------------------------------- inference
 
 
-def _forward(model: nn.Module, x: torch.Tensor, tile: int) -> torch.Tensor:
-    """Class probabilities 1×C×H×W, whole image, or overlapping tile×tile windows when larger."""
+def probabilities(model: nn.Module, x: torch.Tensor, tile: int) -> torch.Tensor:
+    """Class probabilities 1×C×H×W of a normalised image batch 1×3×H×W: the whole image, or the mean over
+    overlapping tile×tile windows when it is larger (0: always whole)."""
     h, w = x.shape[-2:]
     if not tile or max(h, w) <= tile:
         return model(x)["out"].float().softmax(1)
@@ -231,7 +183,7 @@ def segment(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.
     for s in scales:
         xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
         for flipped in ((False, True) if flip else (False,)):
-            p = _forward(model, xs.flip(-1) if flipped else xs, tile)
+            p = probabilities(model, xs.flip(-1) if flipped else xs, tile)
             p = p.flip(-1) if flipped else p
             if p.shape[-2:] != (h, w):
                 p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
@@ -294,10 +246,8 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 def write_report(path: Path, metrics: dict, title: str) -> None:
     lines = [f"# {title}", "", f"- mIoU: **{metrics['miou']:.4f}**", f"- pixel accuracy: {metrics['pixel_acc']:.4f}",
-             f"- images: {metrics['n_images']}", *(f"- **warning: {w}**" for w in metrics.get("warnings", [])),
-             "", "| class | IoU |", "| --- | --- |"]
-    lines += [f"| {name} | {iou:.4f} |" for name, iou in metrics["per_class_iou"].items()]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+             f"- images: {metrics['n_images']}", *(f"- **warning: {w}**" for w in metrics.get("warnings", [])), ""]
+    atomic_write_text(path, "\n".join(lines) + "\n" + report.iou_table({"IoU": metrics["per_class_iou"]}))
 
 
 # ---------------------------------------------------------------------------- stages
@@ -344,7 +294,7 @@ def evaluate(data_dir: str, model_dir: str, out_dir: str, cfg: EvalConfig, *, sp
     return metrics
 
 
-def _image_files(images: str) -> tuple[Path, list[Path]]:
+def image_files(images: str) -> tuple[Path, list[Path]]:
     """(folder, image files) of a local folder, or of a storage URI (downloaded to a temp folder)."""
     folder = Path(images)
     if "://" in images:
@@ -365,7 +315,7 @@ def predict(model_dir: str, images: str, out_dir: str, *, device: str = "auto",
             cfg: EvalConfig | None = None) -> list[str]:
     """Label PNGs (`labels/<name>.png`, mode P, VOC palette) and overlays for a folder or URI of images."""
     cfg = cfg or EvalConfig()
-    folder, files = _image_files(images)
+    folder, files = image_files(images)
     dev = resolve_device(device)
     model, info = load_model(model_dir, dev, kind="segmenter")
     scales = parse_scales(cfg.eval_scales, "--eval-scales") if cfg.multi_scale else [1.0]
@@ -403,7 +353,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model folder (from cdsp train-seg) or URI")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
-    p.add_argument("--device", dest="eval_device", default="auto", help="auto|cpu|cuda (default: auto)")
+    config.add_field_argument(p, SegTrainConfig, "device")
     config.add_arguments(p, EvalConfig)
     p.set_defaults(func=_run_evaluate)
 
@@ -412,20 +362,20 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model folder (from cdsp train-seg) or URI")
     p.add_argument("--images", required=True, help="folder or URI of images")
     p.add_argument("--out", required=True, help="output folder (labels/ and overlays/)")
-    p.add_argument("--device", dest="eval_device", default="auto", help="auto|cpu|cuda (default: auto)")
+    config.add_field_argument(p, SegTrainConfig, "device")
     config.add_arguments(p, EvalConfig)
     p.set_defaults(func=_run_predict)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate(args.data, args.model, args.out, config.from_namespace(EvalConfig, args),
-                       split=args.split, device=args.eval_device)
+                       split=args.split, device=args.device)
     print(f"mIoU {metrics['miou']:.4f}  pixel accuracy {metrics['pixel_acc']:.4f}  -> {args.out}")
     return 0
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    written = predict(args.model, args.images, args.out, device=args.eval_device,
+    written = predict(args.model, args.images, args.out, device=args.device,
                       cfg=config.from_namespace(EvalConfig, args))
     print(f"{len(written)} label maps -> {args.out}")
     return 0

@@ -91,14 +91,14 @@ RESNETS: dict[str, tuple[type[nn.Module], list[int]]] = {
 
 
 class ResNet(nn.Module):
-    """torchvision's ResNet. `include_top=False` drops avgpool/fc (backbone use).
+    """torchvision's ResNet without its classification top (avgpool, fc): the backbone of the
+    classifier and the segmenters, in torchvision's state-dict layout (`load_pretrained`).
 
     `features(x)` returns (layer1 output at stride 4, layer4 output at the output stride).
     """
 
-    def __init__(self, block: type[nn.Module], layers: Sequence[int], num_classes: int = 1000,
-                 replace_stride_with_dilation: Sequence[bool] = (False, False, False), include_top: bool = True,
-                 width: int = 64):
+    def __init__(self, block: type[nn.Module], layers: Sequence[int],
+                 replace_stride_with_dilation: Sequence[bool] = (False, False, False), width: int = 64):
         super().__init__()
         w = width  # channels of the first stage: torchvision's 64; less is a narrow net for CPU-scale runs
         self.inplanes = w
@@ -114,9 +114,6 @@ class ResNet(nn.Module):
         self.low_level_channels = w * block.expansion
         self.out_channels = 8 * w * block.expansion
         self.output_stride = 32 // 2 ** sum(bool(d) for d in replace_stride_with_dilation)
-        if include_top:
-            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-            self.fc = nn.Linear(self.out_channels, num_classes)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -145,11 +142,6 @@ class ResNet(nn.Module):
         low = self.layer1(x)
         return low, self.layer4(self.layer3(self.layer2(low)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not hasattr(self, "fc"):
-            raise RuntimeError("this ResNet was built without its classification top; use features()")
-        return self.fc(torch.flatten(self.avgpool(self.features(x)[1]), 1))
-
 
 def dilation_for_stride(output_stride: int) -> tuple[bool, bool, bool]:
     """replace_stride_with_dilation for layer2..layer4 that gives the output stride 8, 16 or 32."""
@@ -159,9 +151,8 @@ def dilation_for_stride(output_stride: int) -> tuple[bool, bool, bool]:
     return table[output_stride]
 
 
-def resnet(name: str, output_stride: int = 32, include_top: bool = True, num_classes: int = 1000,
-           width: int = 64) -> ResNet:
-    """ResNet-18/34/50/101/152 by name, e.g. resnet("resnet50", output_stride=8, include_top=False).
+def resnet(name: str, output_stride: int = 32, width: int = 64) -> ResNet:
+    """ResNet-18/34/50/101/152 by name, e.g. resnet("resnet50", output_stride=8).
 
     `width` is the first stage's channel count (64: torchvision's, the only one ImageNet weights fit).
     """
@@ -170,7 +161,7 @@ def resnet(name: str, output_stride: int = 32, include_top: bool = True, num_cla
     if width < 1:
         raise CdspError(f"backbone width must be at least 1, got {width}")
     block, layers = RESNETS[name]
-    return ResNet(block, layers, num_classes, dilation_for_stride(output_stride), include_top, width)
+    return ResNet(block, layers, dilation_for_stride(output_stride), width)
 
 
 def _check_width_for_weights(width: int, pretrained: str) -> None:
@@ -198,8 +189,8 @@ def load_pretrained(model: nn.Module, path_or_uri: str) -> nn.Module:
     """Load torchvision-layout ResNet weights (a file or a storage URI) into `model`, strictly.
 
     `model` is a ResNet, or a network with a ResNet `.backbone`. The weights' `fc.*` entries
-    are dropped when the backbone has no classification top. Any other missing, unexpected or
-    misshapen entry is a CdspError naming the file. Loaded with torch.load(weights_only=True);
+    (torchvision's classification top, which our ResNet has not) are dropped; any other missing,
+    unexpected or misshapen entry is a CdspError naming the file. Loaded with torch.load(weights_only=True);
     a URI (s3://...) is first downloaded to a temporary file through `cdsp_core.storage`.
     """
     target = model.backbone if isinstance(getattr(model, "backbone", None), ResNet) else model
@@ -214,8 +205,7 @@ def load_pretrained(model: nn.Module, path_or_uri: str) -> nn.Module:
         state = state["state_dict"]  # a common checkpoint wrapping
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CdspError(f"{path_or_uri}: not a state dict of tensors")
-    if not hasattr(target, "fc"):
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
 
     own = target.state_dict()
     # BatchNorm fills in num_batches_tracked when old torchvision files lack it.
@@ -269,7 +259,7 @@ def build_classifier(backbone: str, n_classes: int, output_stride: int = 16, pre
                      width: int = 64) -> Classifier:
     """The stage-1 classifier; `pretrained` is a torchvision-layout weight file or URI ("" = from scratch)."""
     _check_width_for_weights(width, pretrained)
-    model = Classifier(resnet(backbone, output_stride, include_top=False, width=width), n_classes)
+    model = Classifier(resnet(backbone, output_stride, width=width), n_classes)
     if pretrained:
         load_pretrained(model, pretrained)
     return model
@@ -375,7 +365,7 @@ def build_segmenter(name: str, backbone: str, n_classes: int, pretrained: str = 
         raise CdspError(f"unknown segmenter {name!r} (choose from {', '.join(SEGMENTERS)})")
     _check_width_for_weights(width, pretrained)
     rates = parse_rates(aspp_rates)
-    model = SEGMENTERS[name](resnet(backbone, output_stride, include_top=False, width=width), n_classes,
+    model = SEGMENTERS[name](resnet(backbone, output_stride, width=width), n_classes,
                              **({"rates": rates} if rates else {}))
     if pretrained:
         load_pretrained(model, pretrained)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cdsp_core import data
+from cdsp_core import config, data
 from cdsp_core.data import IGNORE, Item
 from cdsp_core.errors import CdspError
 from cdsp_core.fsutil import atomic_write_text
@@ -56,7 +56,7 @@ def fingerprint(images: list[dict]) -> str:
     """The data fingerprint: a hash of every image's split, id, image and scribble hashes."""
     keys = sorted((im["split"], im["id"], im["sha256"]["image"], im["sha256"].get("scribble", ""))
                   for im in images)
-    return hashlib.sha256(json.dumps(keys).encode("utf-8")).hexdigest()
+    return config.settings_digest(keys)
 
 
 def _check_label(path: Path, what: str, image: Path, size: tuple[int, int], n_classes: int) -> np.ndarray:

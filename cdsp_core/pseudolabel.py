@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from cdsp_core import cam, config, data, distance, evaluate
-from cdsp_core.config import PseudoLabelConfig
+from cdsp_core.config import PseudoLabelConfig, SegTrainConfig
 from cdsp_core.datasets import DISTANCE_BOUNDARY_DIR, DISTANCE_SCRIBBLE_DIR, PSEUDO_DIR, check_classes
 from cdsp_core.errors import CdspError
 from cdsp_core.fsutil import atomic_write_text
@@ -150,7 +150,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
                    help="folder or URI of pseudo-label PNGs from another method (<id>.png, class indices); "
                         "replaces the classifier")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", dest="cam_device", default="auto", help="auto|cpu|cuda (default: auto)")
+    config.add_field_argument(p, SegTrainConfig, "device")
     config.add_arguments(p, PseudoLabelConfig)
     p.set_defaults(func=_run)
 
@@ -158,7 +158,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     summary = pseudo_label(args.data, args.out, config.from_namespace(PseudoLabelConfig, args),
                            classifier_dir=args.classifier, external_pseudo=args.external_pseudo,
-                           device=args.cam_device)
+                           device=args.device)
     quality = f", mIoU {summary['pseudo_miou']:.4f} against ground truth" if "pseudo_miou" in summary else ""
     print(f"{summary['n_images']} pseudo-labels{quality} -> {args.out}")
     return 0

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cdsp_core import data, evaluate, losses
-from cdsp_core.config import EvalConfig
+from cdsp_core import config, data, evaluate, losses
+from cdsp_core.config import EvalConfig, SegTrainConfig
 from cdsp_core.errors import CdspError
 from cdsp_core.fsutil import atomic_write_text
 from cdsp_core.progress import progress
@@ -60,7 +60,7 @@ def rank_images(model_uri: str, images: str, *, score: str = "margin", low_margi
         raise CdspError(f"unknown score {score!r} (use {' or '.join(SCORES)})")
     if not 0 < low_margin <= 1:
         raise CdspError(f"--low-margin {low_margin} is not in (0, 1]")
-    folder, files = evaluate._image_files(images)
+    folder, files = evaluate.image_files(images)
     if exclude is not None:
         if not Path(exclude).is_dir():
             raise CdspError(f"{exclude}: scribble folder not found")
@@ -80,7 +80,7 @@ def rank_images(model_uri: str, images: str, *, score: str = "margin", low_margi
             raise CdspError(str(e).replace(str(folder), images.rstrip("/"))) from e  # the object, not our copy
         x = to_normalized_tensor(Image.fromarray(image)).to(dev)[None].contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            probs = evaluate._forward(model, x, tile)
+            probs = evaluate.probabilities(model, x, tile)
         rel = path.relative_to(folder)
         rows.append({"image": rel.as_posix(), "id": path.stem, "width": image.shape[1], "height": image.shape[0],
                      **image_scores(probs, low_margin)})
@@ -150,7 +150,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", default=None, help="CVAT manifest to write (default: manifest.jsonl beside --out)")
     p.add_argument("--exclude-labelled", default=None, metavar="SCRIBBLE_DIR",
                    help="leave out the images that have a <id>.png scribble in this folder")
-    p.add_argument("--device", dest="suggest_device", default="auto", help="auto|cpu|cuda (default: auto)")
+    config.add_field_argument(p, SegTrainConfig, "device")
     p.add_argument("--eval-tile", type=int, default=EvalConfig.eval_tile,
                    help=f"images larger than this are segmented in overlapping tiles (default: {EvalConfig.eval_tile})")
     p.set_defaults(func=_run)
@@ -158,7 +158,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     rows = suggest(args.model, args.images, args.out, n=args.n, manifest=args.manifest, score=args.score,
-                   low_margin=args.low_margin, device=args.suggest_device, tile=args.eval_tile,
+                   low_margin=args.low_margin, device=args.device, tile=args.eval_tile,
                    exclude=args.exclude_labelled)
     print(f"{len(rows)} images to scribble next, most uncertain first -> {args.out}")
     return 0

@@ -22,11 +22,12 @@ import os
 import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway, start_http_server
 from prometheus_client.exposition import basic_auth_handler, default_handler
+
+from cdsp_core import credentials
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +47,6 @@ GAUGES = {
     "lr": ("cdsp_training_learning_rate", "Current learning rate."),
     "val_miou": ("cdsp_val_miou_ratio", "Mean IoU on the val split (0 to 1) at the last evaluation."),
 }
-
-
-def _split_credentials(url: str) -> tuple[str, str | None, str | None]:
-    """`http://user:pw@host:9091` -> ("http://host:9091", "user", "pw"); the URL alone is safe to log."""
-    if "://" not in url:
-        url = "http://" + url
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None:
-        return url, None, None
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=host)), parts.username, parts.password
 
 
 class StageMetrics:
@@ -95,7 +85,7 @@ class StageMetrics:
         self._thread = None
         url = push_url if push_url is not None else os.environ.get("PUSHGATEWAY_URL", "")
         if url:
-            self.push_url, user, password = _split_credentials(url)
+            self.push_url, user, password = credentials.split_userinfo(url if "://" in url else "http://" + url)
             self._handler = default_handler
             if user is not None:
                 def handler(url, method, timeout, headers, data):

@@ -1,28 +1,27 @@
-"""MLflow tracking: a parent run per pipeline run, a nested run per stage, and the model registry.
+"""MLflow tracking: a parent run per pipeline run, a nested run per stage, their params, metrics and artifacts.
 
     parent = tracking.start_pipeline_run(kfp_run_id, experiment="cdsp", fingerprint=fp, data_uri=uri)
     with tracking.stage_run(parent, "train_segmenter", config.to_dict(cfg)):
         train.train_segmenter(..., on_metrics=telemetry.chain(tracking.log_metrics, prometheus))
-        version = tracking.log_segmenter(model_dir)      # logged with mlflow.pytorch, registered
+        version = registry.log_segmenter(model_dir)      # the model registry: cdsp_core/registry.py
     ...
     with tracking.stage_run(parent, "evaluate", config.to_dict(eval_cfg)):
         tracking.log_evaluation(eval_dir)
-        decision = tracking.promote_if_better(version, miou, val_split=tracking.val_split_id(manifest))
 
 Where: `MLFLOW_TRACKING_URI` when set (a tracking server: PostgreSQL backend, S3 artifacts),
 else the embedded store `<project>/mlflow.db` with artifacts in `<project>/mlruns` (the
 source checkout when running from one, else the current folder); `make mlflow-ui` shows it.
 
 Retries are safe: a stage run is found again by its parent and stage, the parent by the
-pipeline run id, and a model version by its run, so a KFP retry adds no run and no version.
+pipeline run id, so a KFP retry adds no run.
 
-When the server is unreachable: per-step metrics (`log_metrics`, `metrics_logger`) never
+When the server is unreachable: per-step metrics (`log_metrics`, `MetricsLogger`) never
 block or fail training; they are buffered and sent from a background thread, retried with
-backoff after one warning. Final recording (`log_final_metrics`, `log_evaluation`,
-`log_segmenter`, `promote_if_better`, the end of `stage_run`) raises a CdspError naming the
+backoff after one warning. Final recording (`log_final_metrics`, `log_evaluation`, the end of
+`stage_run`, and the registry's calls, through `recording`) raises a CdspError naming the
 server and what was not recorded; stages call it after their local outputs are written.
-Params and tags never carry secrets: credential-like keys are dropped and user:password@
-is removed from URIs.
+Params and tags never carry secrets (cdsp_core/credentials.py): credential-like keys are
+dropped and user:password@ is removed from URIs.
 """
 
 from __future__ import annotations
@@ -30,10 +29,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
-import hashlib
 import json
 import logging
-import math
 import os
 import re
 import subprocess
@@ -46,35 +43,25 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
+from cdsp_core import credentials, report
+from cdsp_core.credentials import redact
 from cdsp_core.errors import CdspError
-from cdsp_core.fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "cdsp"
-MODEL_NAME = "cdsp-segmenter"
-CHAMPION = "champion"
 PIPELINE_STAGE = "pipeline"  # the stage tag of parent runs
 
 TAG_PIPELINE_RUN = "cdsp.pipeline_run_id"
 TAG_STAGE = "cdsp.stage"
 TAG_FINGERPRINT = "cdsp.dataset_fingerprint"
 TAG_CODE_VERSION = "cdsp.code_version"
-TAG_SOURCE_RUN = "cdsp.source_run_id"
-TAG_MIOU = "cdsp.miou"
-TAG_VAL_SPLIT = "cdsp.val_split"
-TAG_DECISION = "cdsp.promotion"
-TAG_REASON = "cdsp.promotion_reason"
 PARENT_TAG = "mlflow.parentRunId"
 
 FLUSH_TIMEOUT_S = 120.0  # how long the end of a stage waits for buffered metrics to reach MLflow
 MAX_BACKOFF_S = 60.0
 MAX_BUFFERED = 1_000_000  # metric points kept while the server is away (oldest dropped beyond)
 
-_SECRET_KEY = re.compile(r"secret|passw|token|credential|api[_-]?key|access[_-]?key|private[_-]?key|session[_-]?key",
-                         re.IGNORECASE)
-_AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.:@+=/-]{1,200}")
 
 
@@ -95,17 +82,12 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if not uri:
         return f"sqlite:///{project_dir() / 'mlflow.db'}"
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme in ("http", "https") and parts.username is not None:
-        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(parts.username))
-        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(parts.password or ""))
-        uri = redact(uri)
+    if urllib.parse.urlsplit(uri).scheme in ("http", "https"):
+        uri, user, password = credentials.split_userinfo(uri)
+        if user is not None:
+            os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
+            os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
     return uri
-
-
-def redact(text: str) -> str:
-    """`scheme://user:password@host/...` -> `scheme://host/...` (safe for logs, tags and errors)."""
-    return _USERINFO.sub(r"\1", str(text))
 
 
 @functools.lru_cache(maxsize=1)
@@ -134,7 +116,7 @@ def safe_params(params: dict | None) -> dict[str, str]:
     out = {}
     for key, value in (params or {}).items():
         text = redact(str(value))
-        if _SECRET_KEY.search(str(key)) or _AWS_KEY_ID.search(text):
+        if credentials.looks_secret(key, text):
             continue
         out[str(key)] = text[:6000]  # MLflow's limit on a param value
     return out
@@ -153,7 +135,8 @@ def _check_id(value: str, what: str) -> str:
 
 # --- the client -----------------------------------------------------------------------------
 
-def _client():
+def mlflow_client():
+    """A client of the tracking server (and registry) at `tracking_uri()`, which also becomes mlflow's global one."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -164,7 +147,7 @@ def _client():
 
 
 @contextlib.contextmanager
-def _recording(what: str) -> Iterator[None]:
+def recording(what: str) -> Iterator[None]:
     """Turn MLflow and connection failures into a CdspError that says what was not recorded, where."""
     import requests
     from mlflow.exceptions import MlflowException
@@ -176,7 +159,8 @@ def _recording(what: str) -> Iterator[None]:
         raise CdspError(f"MLflow at {redact(tracking_uri())}: could not record {what}: {msg}") from e
 
 
-def _not_found(e: Exception) -> bool:
+def not_found(e: Exception) -> bool:
+    """An MlflowException that says the run, model or version does not exist."""
     return getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
@@ -235,7 +219,8 @@ def _log_params(client, run_id: str, params: dict | None) -> None:
         client.log_batch(run_id, params=items[i:i + 100])
 
 
-def _set_tags(client, run_id: str, tags: dict[str, str]) -> None:
+def set_tags(client, run_id: str, tags: dict[str, str]) -> None:
+    """Set the run's tags, credentials removed from the values."""
     from mlflow.entities import RunTag
 
     client.log_batch(run_id, tags=[RunTag(k, redact(v)[:5000]) for k, v in tags.items() if v is not None])
@@ -257,12 +242,12 @@ def start_pipeline_run(pipeline_run_id: str = "", *, experiment: str = DEFAULT_E
         run_tags[TAG_FINGERPRINT] = fingerprint
     if _git_commit():
         run_tags["mlflow.source.git.commit"] = _git_commit()
-    client = _client()
-    with _recording(f"the parent run of pipeline run {pipeline_run_id}"):
+    client = mlflow_client()
+    with recording(f"the parent run of pipeline run {pipeline_run_id}"):
         experiment_id = _experiment_id(client, experiment)
         run_id = _find_or_create_run(client, experiment_id, {TAG_PIPELINE_RUN: pipeline_run_id,
                                                              TAG_STAGE: PIPELINE_STAGE}, run_tags, pipeline_run_id)
-        _set_tags(client, run_id, run_tags)
+        set_tags(client, run_id, run_tags)
         _log_params(client, run_id, params)
     log.info("MLflow: pipeline run %s is run %s in experiment %r at %s", pipeline_run_id, run_id, experiment,
              redact(tracking_uri()))
@@ -284,8 +269,8 @@ def stage_run(parent_run_id: str, stage: str, params: dict | None = None) -> Ite
     """
     _check_id(parent_run_id, "MLflow parent run id")
     _check_id(stage, "stage name")
-    client = _client()
-    with _recording(f"the start of stage {stage}"):
+    client = mlflow_client()
+    with recording(f"the start of stage {stage}"):
         parent = client.get_run(parent_run_id)
         inherited = {k: v for k, v in parent.data.tags.items()
                      if k in (TAG_PIPELINE_RUN, TAG_FINGERPRINT, TAG_CODE_VERSION, "mlflow.source.git.commit")}
@@ -309,9 +294,14 @@ def stage_run(parent_run_id: str, stage: str, params: dict | None = None) -> Ite
         raise
     _active.remove((run_id, logger))
     logger.close()
-    with _recording(f"the end of stage {stage}"):
+    with recording(f"the end of stage {stage}"):
         client.set_terminated(run_id, "FINISHED")
         client.set_terminated(parent_run_id, "FINISHED")
+
+
+def open_run_id() -> str | None:
+    """The innermost open stage run, or None outside `stage_run`."""
+    return _active[-1][0] if _active else None
 
 
 def active_run_id() -> str:
@@ -320,7 +310,8 @@ def active_run_id() -> str:
     return _active[-1][0]
 
 
-def _run_or_active(run_id: str | None) -> str:
+def run_or_active(run_id: str | None) -> str:
+    """`run_id`, else the open stage run (a CdspError outside `stage_run`)."""
     return run_id or active_run_id()
 
 
@@ -436,20 +427,12 @@ class MetricsLogger:
             self._cond.notify_all()
         self._thread.join(timeout)
         with self._cond:
-            left = len(self._pending) + self._in_flight
+            left = self.pending  # the condition's lock is re-entrant
             self._abandoned = True
             self._cond.notify_all()
         if left and check:
             raise CdspError(f"MLflow at {redact(self.uri)}: {left} metric points of run {self.run_id} could not be "
                             f"sent within {timeout:.0f} s; the stage's local outputs are complete")
-
-
-def metrics_logger(run_id: str | None = None) -> MetricsLogger:
-    """An `on_metrics(metrics, step)` callback logging to `run_id` (default: the open stage run).
-
-    Call `.close()` at the end (stage_run does this for its own logger).
-    """
-    return MetricsLogger(_run_or_active(run_id))
 
 
 def log_metrics(metrics: dict, step: int) -> None:
@@ -479,12 +462,12 @@ def log_final_metrics(metrics: dict, run_id: str | None = None, step: int = 0) -
     """Log (synchronously) the numeric entries of `metrics`; returns what was logged."""
     from mlflow.entities import Metric
 
-    run_id = _run_or_active(run_id)
+    run_id = run_or_active(run_id)
     flat = flat_metrics(metrics)
     now = int(time.time() * 1000)
     points = [Metric(k, v, now, step) for k, v in flat.items()]
-    with _recording(f"the final metrics of run {run_id}"):
-        client = _client()
+    with recording(f"the final metrics of run {run_id}"):
+        client = mlflow_client()
         for i in range(0, len(points), 1000):
             client.log_batch(run_id, metrics=points[i:i + 1000])
     return flat
@@ -492,9 +475,9 @@ def log_final_metrics(metrics: dict, run_id: str | None = None, step: int = 0) -
 
 def log_artifacts(*paths: str | os.PathLike, artifact_path: str | None = None, run_id: str | None = None) -> None:
     """Upload files and folders (folders keep their name) to the run's artifacts."""
-    run_id = _run_or_active(run_id)
-    client = _client()
-    with _recording(f"artifacts of run {run_id}"):
+    run_id = run_or_active(run_id)
+    client = mlflow_client()
+    with recording(f"artifacts of run {run_id}"):
         for p in map(Path, paths):
             if p.is_dir():
                 sub = f"{artifact_path}/{p.name}" if artifact_path else p.name
@@ -507,31 +490,9 @@ def log_artifacts(*paths: str | os.PathLike, artifact_path: str | None = None, r
 
 def log_dict(obj: dict | list, name: str, run_id: str | None = None) -> None:
     """Record a JSON artifact `name` (e.g. a manifest)."""
-    run_id = _run_or_active(run_id)
-    with _recording(f"{name} of run {run_id}"):
-        _client().log_text(run_id, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", name)
-
-
-def _confusion_plot(matrix: list[list[int]], names: list[str], path: Path) -> None:
-    """A row-normalised confusion matrix (rows: ground truth) as a PNG."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    m = np.asarray(matrix, dtype=np.float64)
-    norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    n = len(m)
-    size = max(4.0, 0.4 * n + 2)
-    fig = Figure(figsize=(size + 1, size))
-    ax = fig.add_subplot()
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), names, rotation=90, fontsize=8)
-    ax.set_yticks(range(n), names, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("ground truth")
-    ax.set_title("confusion matrix (each row sums to 1)")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    run_id = run_or_active(run_id)
+    with recording(f"{name} of run {run_id}"):
+        mlflow_client().log_text(run_id, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", name)
 
 
 def log_evaluation(eval_dir: str | os.PathLike, run_id: str | None = None,
@@ -539,7 +500,7 @@ def log_evaluation(eval_dir: str | os.PathLike, run_id: str | None = None,
     """Record an evaluation folder: final metrics (`miou`, `pixel_acc`, `iou_<class>`), a per-class
     table (CSV and Markdown), a confusion-matrix plot, `report.md`, `metrics.json` and `overlays/`.
     """
-    run_id = _run_or_active(run_id)
+    run_id = run_or_active(run_id)
     folder = Path(eval_dir)
     path = folder / "metrics.json"
     try:
@@ -555,242 +516,14 @@ def log_evaluation(eval_dir: str | os.PathLike, run_id: str | None = None,
             writer = csv.writer(fh)
             writer.writerow(["class", "iou"])
             writer.writerows([name, f"{iou:.4f}"] for name, iou in per_class.items())
-        rows = [f"| {name} | {iou:.4f} |" for name, iou in per_class.items()]
-        (tmp / "per_class_iou.md").write_text("| class | IoU |\n| --- | ---: |\n" + "\n".join(rows)
-                                              + f"\n| **mean** | **{metrics.get('miou', float('nan')):.4f}** |\n")
+        (tmp / "per_class_iou.md").write_text(report.iou_table({"IoU": per_class}), encoding="utf-8")
         files = [tmp / "per_class_iou.csv", tmp / "per_class_iou.md", path]
         if matrix:
             names = class_names or list(per_class)
             if len(names) != len(matrix):
                 names = [str(i) for i in range(len(matrix))]
-            _confusion_plot(matrix, names, tmp / "confusion_matrix.png")
+            report.confusion_plot(matrix, names, tmp / "confusion_matrix.png")
             files.append(tmp / "confusion_matrix.png")
         files += [p for p in (folder / "report.md", folder / "overlays") if p.exists()]
         log_artifacts(*files, run_id=run_id)
     return flat
-
-
-# --- the model registry ---------------------------------------------------------------------
-
-def _logits_only(model):
-    """Our segmenters return {"out": logits, ...}; the logged model returns the logits tensor."""
-    import torch
-
-    class Logits(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            out = self.net(x)
-            return out["out"] if isinstance(out, dict) else out
-
-    return Logits(model).eval()
-
-
-def log_segmenter(model_dir: str | os.PathLike, run_id: str | None = None, *, model=None,
-                  input_size: int = 64) -> str:
-    """Log the segmenter of `model_dir` with `mlflow.pytorch` and register it as `cdsp-segmenter`.
-
-    The logged model is pickle-free (`torch.export`, 'pt2'), with a signature (N×3×H×W float
-    images -> N×C×H×W logits) and an input example; the model folder's `model.pt`,
-    `config.json` and `history.json` ride along as extra files, which is what `resolve_model`
-    gives back. `model` defaults to the network rebuilt from the folder. A retry returns the
-    version already registered for this run. Returns the version number (a string).
-    """
-    import numpy as np
-
-    run_id = _run_or_active(run_id)
-    folder = Path(model_dir)
-    client = _client()
-    with _recording(f"the segmenter of run {run_id}"):
-        done = client.search_model_versions(f"name='{MODEL_NAME}' and run_id='{run_id}'")
-        if done:
-            version = str(max(int(v.version) for v in done))
-            log.info("MLflow: run %s already registered %s version %s", run_id, MODEL_NAME, version)
-            return version
-        run = client.get_run(run_id)
-    if model is None:
-        from cdsp_core.evaluate import load_model
-
-        model, info = load_model(str(folder), "cpu", kind="segmenter")
-        n_classes = len(info["class_names"])
-    else:
-        n_classes = None
-    net = _logits_only(model)
-    example = np.zeros((2, 3, input_size, input_size), dtype=np.float32)
-    if n_classes is None:
-        import torch
-
-        with torch.no_grad():
-            n_classes = int(net(torch.from_numpy(example)).shape[1])
-    extra = [str(folder / f) for f in ("model.pt", "config.json", "history.json") if (folder / f).is_file()]
-    if not any(f.endswith("model.pt") for f in extra):
-        raise CdspError(f"{folder / 'model.pt'}: missing; log the segmenter after training wrote it")
-
-    import mlflow
-    import mlflow.pytorch
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),  # unnamed: one tensor in
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes, -1, -1))]))
-    version_tags = {TAG_SOURCE_RUN: run_id, TAG_CODE_VERSION: code_version(),
-                    TAG_FINGERPRINT: run.data.tags.get(TAG_FINGERPRINT, ""),
-                    TAG_PIPELINE_RUN: run.data.tags.get(TAG_PIPELINE_RUN, "")}
-    with _recording(f"the segmenter of run {run_id}"):
-        mlflow.set_experiment(experiment_id=run.info.experiment_id)  # where log_model files the model
-        info = mlflow.pytorch.log_model(
-            net, name="segmenter", run_id=run_id, signature=signature, input_example=example,
-            extra_files=extra, pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-            registered_model_name=MODEL_NAME, serialization_format="pt2")
-        version = str(info.registered_model_version)
-        for k, v in version_tags.items():
-            if v:
-                client.set_model_version_tag(MODEL_NAME, version, k, v)
-        for f in extra:  # the config and history also on the run's own artifact page
-            if not f.endswith("model.pt"):
-                client.log_artifact(run_id, f)
-    log.info("MLflow: registered %s version %s from run %s", MODEL_NAME, version, run_id)
-    return version
-
-
-def val_split_id(manifest: dict) -> str:
-    """A hash of the val split a manifest describes (ids, images, ground truth): mIoUs compare
-    only between evaluations on equal ids."""
-    lines = sorted(f"{im['id']}:{im.get('sha256', {}).get('image', '')}:{im.get('sha256', {}).get('gt', '')}"
-                   for im in manifest.get("images", []) if im.get("split") == "val")
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16] if lines else ""
-
-
-def _champion(client):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
-    except MlflowException as e:
-        if _not_found(e):
-            return None
-        raise
-
-
-def promote_if_better(version: str, miou: float, *, val_split: str, fingerprint: str = "",
-                      run_id: str | None = None, champion_miou: float | None = None, veto: str = "") -> dict:
-    """Move the alias `champion` to `version` only if its mIoU beats the champion's on the same val split.
-
-    The comparison needs both mIoUs on the same split (`val_split`, e.g. `val_split_id(manifest)`):
-    a champion evaluated on another split is kept unless `champion_miou` (the champion
-    re-evaluated on this split) is given. A `veto` (e.g. `evaluate.promotion_veto(metrics)`: the
-    model predicts a single class) keeps the champion whatever the mIoU. The decision and its reason are written on the
-    version (tags and description) and, given `run_id` (default: the open stage run, if
-    any), on that run. Returns {"promoted", "reason", "version", "miou", "champion_version",
-    "champion_miou"}.
-    """
-    version = str(version)
-    client = _client()
-    with _recording(f"the champion decision for {MODEL_NAME} version {version}"):
-        client.get_model_version(MODEL_NAME, version)  # exists?
-        tags = {TAG_MIOU: f"{miou:.6f}", TAG_VAL_SPLIT: val_split}
-        if fingerprint:
-            tags[TAG_FINGERPRINT] = fingerprint
-        for k, v in tags.items():
-            client.set_model_version_tag(MODEL_NAME, version, k, v)
-        champ = _champion(client)
-        champ_version = str(champ.version) if champ else None
-        champ_miou = champion_miou
-        if champ is not None and champ_miou is None and champ.tags.get(TAG_VAL_SPLIT) == val_split:
-            champ_miou = float(champ.tags.get(TAG_MIOU, "nan"))
-        if not math.isfinite(miou):
-            promoted, reason = False, f"mIoU {miou} is not a number"
-        elif veto:
-            promoted, reason = False, f"{veto} (mIoU {miou:.4f}): not a usable segmenter"
-        elif champ is None:
-            promoted, reason = True, f"no champion yet; mIoU {miou:.4f} on val split {val_split}"
-        elif champ_version == version:
-            promoted, reason = True, f"version {version} is already the champion"
-        elif champ_miou is None or not math.isfinite(champ_miou):
-            promoted, reason = False, (
-                f"champion version {champ_version} was evaluated on val split "
-                f"{champ.tags.get(TAG_VAL_SPLIT) or '?'}, this model on {val_split}: not comparable; "
-                "re-evaluate the champion on this split and pass champion_miou")
-        elif miou > champ_miou:
-            promoted, reason = True, (f"mIoU {miou:.4f} beats champion version {champ_version} "
-                                      f"({champ_miou:.4f}) on val split {val_split}")
-        else:
-            promoted, reason = False, (f"mIoU {miou:.4f} does not beat champion version {champ_version} "
-                                       f"({champ_miou:.4f}) on val split {val_split}")
-        if champ is not None and champion_miou is not None and champ_version != version:
-            # The champion measured again on this split: record it, so the next run compares directly.
-            client.set_model_version_tag(MODEL_NAME, champ_version, TAG_MIOU, f"{champion_miou:.6f}")
-            client.set_model_version_tag(MODEL_NAME, champ_version, TAG_VAL_SPLIT, val_split)
-        if promoted and champ_version != version:
-            client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
-        client.set_model_version_tag(MODEL_NAME, version, TAG_DECISION, "promoted" if promoted else "kept")
-        client.set_model_version_tag(MODEL_NAME, version, TAG_REASON, reason)
-        client.update_model_version(MODEL_NAME, version, description=f"{'Champion' if promoted else 'Not promoted'}"
-                                                                     f": {reason}.")
-        run_id = run_id or (_active[-1][0] if _active else None)
-        if run_id:
-            _set_tags(client, run_id, {TAG_DECISION: "promoted" if promoted else "kept", TAG_REASON: reason,
-                                       "cdsp.model_version": version})
-    log.info("MLflow: %s version %s %s: %s", MODEL_NAME, version, "promoted to champion" if promoted else "kept",
-             reason)
-    return {"promoted": promoted, "reason": reason, "version": version, "miou": miou,
-            "champion_version": champ_version, "champion_miou": champ_miou}
-
-
-def champion_info() -> dict | None:
-    """The current champion: {"version", "run_id", "fingerprint", "miou", "val_split",
-    "pipeline_run_id", "uri"}, or None when there is none yet."""
-    client = _client()
-    with _recording(f"(reading) the {CHAMPION} of {MODEL_NAME}"):
-        champ = _champion(client)
-    if champ is None:
-        return None
-    miou = champ.tags.get(TAG_MIOU)
-    return {"version": str(champ.version), "run_id": champ.run_id, "fingerprint": champ.tags.get(TAG_FINGERPRINT),
-            "miou": float(miou) if miou else None, "val_split": champ.tags.get(TAG_VAL_SPLIT),
-            "pipeline_run_id": champ.tags.get(TAG_PIPELINE_RUN), "uri": f"models:/{MODEL_NAME}@{CHAMPION}"}
-
-
-def resolve_model(uri: str, dest: str | os.PathLike | None = None) -> str:
-    """A local model folder (`model.pt`, `config.json`, ...) for `models:/<name>@<alias>` or
-    `models:/<name>/<version>`, as `cdsp predict` and `cdsp evaluate` take it.
-
-    Downloaded once into `dest` (default: a cache under `CDSP_CACHE_DIR`, else ~/.cache/cdsp,
-    keyed by the logged model's id), atomically. Nothing is unpickled: the folder's weights are
-    loaded with `torch.load(weights_only=True)`.
-    """
-    import mlflow
-
-    m = re.fullmatch(r"models:/([^/@]+)(?:@([A-Za-z0-9_-]+)|/(\d+))", uri)
-    if not m:
-        raise CdspError(f"{uri}: not a registered model URI (models:/<name>@<alias> or models:/<name>/<version>)")
-    name, alias, number = m.groups()
-    client = _client()
-    with _recording(f"(reading) {uri}"):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
-        except MlflowException as e:
-            if _not_found(e):
-                raise CdspError(f"{uri}: no such registered model version in MLflow at "
-                                f"{redact(tracking_uri())}") from e
-            raise
-        model_id = mv.source.rsplit("/", 1)[-1] if mv.source.startswith("models:/") else ""
-        location = client.get_logged_model(model_id).artifact_location if model_id else mv.source
-    cache = Path(os.environ.get("CDSP_CACHE_DIR") or Path.home() / ".cache" / "cdsp") / "models"
-    target = Path(dest) if dest else cache / f"{snake(name)}-v{mv.version}-{model_id or mv.run_id}"
-    if (target / "model.pt").is_file() and (target / "config.json").is_file():
-        return str(target)
-    with _recording(f"(downloading) {uri}"), atomic_dir(target) as tmp:
-        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/extra_files", dst_path=str(tmp)))
-        for f in got.iterdir():
-            f.rename(tmp / f.name)
-        got.rmdir()
-    if not (target / "model.pt").is_file():
-        raise CdspError(f"{uri}: version {mv.version} has no model.pt (not logged by tracking.log_segmenter)")
-    log.info("MLflow: %s is version %s, in %s", uri, mv.version, target)
-    return str(target)

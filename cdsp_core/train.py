@@ -40,10 +40,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from cdsp_core import config, data, evaluate, losses, models
+from cdsp_core import config, data, evaluate, losses, modelfolder, models
 from cdsp_core.config import ClassifierConfig, SegTrainConfig
 from cdsp_core.datasets import ClassificationDataset, SegmentationDataset
-from cdsp_core.errors import CdspError, load_failure
+from cdsp_core.errors import EXIT_PREEMPTED, CdspError, load_failure
 from cdsp_core.fsutil import atomic_path, atomic_write_text
 from cdsp_core.progress import progress
 from cdsp_core.transforms import train_transform
@@ -53,9 +53,6 @@ log = logging.getLogger("cdsp.train")
 MetricsCallback = Callable[[dict[str, float], int], None]
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
-CHECKPOINT = "checkpoint.pt"
-HISTORY = "history.json"
-EXIT_PREEMPTED = 128 + signal.SIGTERM  # what a process killed by SIGTERM reports
 CLS_MOMENTUM = 0.9
 CLS_SCALE = (0.75, 1.5)  # classifier augmentation: random scale (IRN-like), blur, flip, crop; no rotation
 
@@ -223,10 +220,10 @@ def _is_temporary(path: Path) -> bool:
 
 def _check_out_dir(out: Path) -> None:
     """Never train into a folder of someone else's files."""
-    if out.exists() and (not out.is_dir() or (any(not _is_temporary(p) for p in out.iterdir()) and not (
-            (out / CHECKPOINT).exists() or (out / evaluate.MODEL_CONFIG).exists()))):
-        raise CdspError(f"{out}: exists and is not a model folder (no {CHECKPOINT} or {evaluate.MODEL_CONFIG}); "
-                        "choose a new --out")
+    marks = modelfolder.CHECKPOINT, modelfolder.CONFIG
+    if out.exists() and (not out.is_dir() or (any(not _is_temporary(p) for p in out.iterdir()) and not any(
+            (out / name).exists() for name in marks))):
+        raise CdspError(f"{out}: exists and is not a model folder (no {' or '.join(marks)}); choose a new --out")
 
 
 def checked_minutes(name: str, minutes: float) -> float:
@@ -328,7 +325,7 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
     step can resume from it.
     """
     out = Path(out_dir)
-    ckpt_path = out / CHECKPOINT
+    ckpt_path = out / modelfolder.CHECKPOINT
     rank, world, device = init_distributed(device)
     is_main = rank == 0
     if is_main:
@@ -372,7 +369,7 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
     elif resume:
         log.info("no checkpoint in %s: training from scratch", out)
     if is_main:  # only now that the checkpoint is accepted: a refused resume keeps a finished model
-        (out / evaluate.MODEL_FILE).unlink(missing_ok=True)  # model.pt means "finished"; this run is not yet
+        (out / modelfolder.WEIGHTS).unlink(missing_ok=True)  # model.pt means "finished"; this run is not yet
 
     ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else net
@@ -441,9 +438,9 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
 
     summary = summarize(history, time.perf_counter() - started)
     if is_main:
-        atomic_write_text(out / HISTORY, json.dumps(history, indent=2) + "\n")
-        atomic_write_text(out / evaluate.MODEL_CONFIG, json.dumps(model_config, indent=2, sort_keys=True) + "\n")
-        save_checkpoint(out / evaluate.MODEL_FILE, final_model(net).state_dict())  # last: it means "finished"
+        atomic_write_text(out / modelfolder.HISTORY, json.dumps(history, indent=2) + "\n")
+        atomic_write_text(out / modelfolder.CONFIG, json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+        save_checkpoint(out / modelfolder.WEIGHTS, final_model(net).state_dict())  # last: it means "finished"
     if world > 1:
         dist.barrier()
     return summary
@@ -531,14 +528,26 @@ class CDSPNet(nn.Module):
         return out
 
 
+# The CDSP loss terms, in the order of L, each with its weight setting of SegTrainConfig; term t is
+# reported as the metric loss_<t>.
+LOSS_WEIGHTS = {"seg": "l_seg", "pseudo": "l_pseudo", "lorm": "l_lorm", "ds": "l_ds", "dc": "l_dc"}
+LOSS_TERMS = tuple(LOSS_WEIGHTS)
+
+
+def loss_weights(cfg: SegTrainConfig) -> dict[str, float]:
+    """{term: its weight in `cfg`} for every loss term (0: off)."""
+    return {term: getattr(cfg, name) for term, name in LOSS_WEIGHTS.items()}
+
+
 def needed_maps(cfg: SegTrainConfig) -> tuple[str, ...]:
     """The pseudo-label folder's maps that the loss terms in use read."""
+    w = loss_weights(cfg)
     needs = []
-    if cfg.l_pseudo or cfg.l_lorm:
+    if w["pseudo"] or w["lorm"]:
         needs.append("pseudo")
-    if cfg.l_ds:
+    if w["ds"]:
         needs.append("distance_scribble")
-    if cfg.l_dc:
+    if w["dc"]:
         needs.append("distance_boundary")
     return tuple(needs)
 
@@ -548,27 +557,26 @@ def cdsp_loss(cfg: SegTrainConfig) -> LossFn:
 
     A term at weight 0 is not computed (and its metric is absent).
     """
+    w = loss_weights(cfg)
 
     def loss_fn(net: nn.Module, batch: dict[str, torch.Tensor]):
         out = net(batch["image"], batch.get("pseudo"))
         logits = out["out"]
         terms: dict[str, torch.Tensor] = {}
-        if cfg.l_seg:
-            terms["loss_seg"] = losses.partial_ce(logits, batch["seg_target"])
-        if cfg.l_pseudo:
-            terms["loss_pseudo"] = losses.pseudo_ce(logits, batch["pseudo"], cfg.label_smoothing)
-        if cfg.l_lorm:
+        if w["seg"]:
+            terms["seg"] = losses.partial_ce(logits, batch["seg_target"])
+        if w["pseudo"]:
+            terms["pseudo"] = losses.pseudo_ce(logits, batch["pseudo"], cfg.label_smoothing)
+        if w["lorm"]:
             where = models.LoRM.foreground(batch["pseudo"], out["features"].shape[-2:]) \
                 if cfg.lorm_scope == "foreground" else None
-            terms["loss_lorm"] = losses.lorm_loss(out["features"], out["rectified"], where)
-        if cfg.l_ds:
-            terms["loss_ds"] = losses.distance_entropy_loss(logits, batch["distance_scribble"])
-        if cfg.l_dc:
-            terms["loss_dc"] = losses.distance_entropy_loss(logits, batch["distance_boundary"])
-        weights = {"loss_seg": cfg.l_seg, "loss_pseudo": cfg.l_pseudo, "loss_lorm": cfg.l_lorm,
-                   "loss_ds": cfg.l_ds, "loss_dc": cfg.l_dc}
-        total = sum(weights[k] * v for k, v in terms.items())
-        return total, terms
+            terms["lorm"] = losses.lorm_loss(out["features"], out["rectified"], where)
+        if w["ds"]:
+            terms["ds"] = losses.distance_entropy_loss(logits, batch["distance_scribble"])
+        if w["dc"]:
+            terms["dc"] = losses.distance_entropy_loss(logits, batch["distance_boundary"])
+        total = sum(w[t] * v for t, v in terms.items())
+        return total, {f"loss_{t}": v for t, v in terms.items()}
 
     return loss_fn
 
@@ -590,16 +598,17 @@ def train_segmenter(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: Se
                     resume: bool = False, on_metrics: MetricsCallback | None = None,
                     on_checkpoint: Callable[[Path], None] | None = None) -> dict:
     """Stage 2: the CDSP segmenter on scribbles + pseudo-labels + both distance maps."""
-    if not any((cfg.l_seg, cfg.l_pseudo, cfg.l_lorm, cfg.l_ds, cfg.l_dc)):
+    weights = loss_weights(cfg)
+    if not any(weights.values()):
         raise CdspError("every loss weight is 0: nothing to train "
-                        "(set one of --l-seg/--l-pseudo/--l-lorm/--l-ds/--l-dc)")
+                        f"(set one of {'/'.join(config.flag(name) for name in LOSS_WEIGHTS.values())})")
     if cfg.lorm_scope not in ("all", "foreground"):
         raise CdspError(f"unknown lorm_scope {cfg.lorm_scope!r}: use all or foreground")
     if cfg.optimizer not in ("sgd", "adamw"):
         raise CdspError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
-    if any(w < 0 for w in (cfg.l_seg, cfg.l_pseudo, cfg.l_lorm, cfg.l_ds, cfg.l_dc)):
+    if any(w < 0 for w in weights.values()):
         raise CdspError("loss weights must be >= 0")
-    if cfg.l_lorm and not (cfg.l_seg or cfg.l_pseudo or cfg.l_ds or cfg.l_dc):
+    if weights["lorm"] and not any(w for t, w in weights.items() if t != "lorm"):
         raise CdspError("--l-lorm alone trains no classifier head; switch on another loss term")
     index = data.load_index(data_dir)
     n = len(index.classes)
@@ -609,7 +618,7 @@ def train_segmenter(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: Se
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     segmenter = models.build_segmenter(cfg.segmenter, cfg.backbone, n, cfg.pretrained, cfg.output_stride,
                                        cfg.width, cfg.aspp_rates)
-    lorm = models.LoRM(segmenter.backbone.out_channels, cfg.lorm_temperature) if cfg.l_lorm else None
+    lorm = models.LoRM(segmenter.backbone.out_channels, cfg.lorm_temperature) if weights["lorm"] else None
     arch = {"kind": "segmenter", "segmenter": cfg.segmenter, "backbone": cfg.backbone, "class_names": index.classes,
             "lorm": lorm is not None, "output_stride": cfg.output_stride, "width": cfg.width,
             "aspp_rates": cfg.aspp_rates}
@@ -651,7 +660,7 @@ def launch_ddp(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: SegTrai
     rc = subprocess.call(args)
     if rc != 0:
         raise CdspError(f"{out_dir}: distributed training failed (torchrun exit status {rc}; see the log above)")
-    history = json.loads((Path(out_dir) / HISTORY).read_text(encoding="utf-8"))
+    history = json.loads((Path(out_dir) / modelfolder.HISTORY).read_text(encoding="utf-8"))
     return summarize(history)
 
 
@@ -664,8 +673,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset root (VOC layout, or a `cdsp prepare` output)")
     p.add_argument("--out", required=True, help="model folder")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    p.add_argument("--device", dest="cls_device", default="auto", help="auto|cpu|cuda (default: auto)")
-    p.add_argument("--seed", dest="cls_seed", type=int, default=0, help="random seed (default: 0)")
+    config.add_field_argument(p, SegTrainConfig, "device")
+    config.add_field_argument(p, SegTrainConfig, "seed")
     config.add_arguments(p, ClassifierConfig)
     p.set_defaults(func=_run_classifier)
 
@@ -689,7 +698,7 @@ def _print_summary(summary: dict, out: str) -> None:
 
 def _run_classifier(args: argparse.Namespace) -> int:
     summary = train_classifier(args.data, args.out, config.from_namespace(ClassifierConfig, args),
-                               device=args.cls_device, resume=args.resume, seed=args.cls_seed)
+                               device=args.device, resume=args.resume, seed=args.seed)
     _print_summary(summary, args.out)
     return 0
 

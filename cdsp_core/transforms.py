@@ -147,8 +147,3 @@ def train_transform(crop_size: int, scale_min: float, scale_max: float, rotation
         RandomCrop(crop_size),
         ToTensor(),
     ])
-
-
-def eval_transform() -> Compose:
-    """Full resolution, no augmentation."""
-    return Compose([ToTensor()])

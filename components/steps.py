@@ -27,7 +27,8 @@ from pathlib import Path
 
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 
-from cdsp_core import checkpoints, config, prepare, telemetry, tracking
+from cdsp_core import checkpoints, config, modelfolder, prepare, registry, report, telemetry, tracking
+from cdsp_core.credentials import redact
 from cdsp_core.errors import CdspError
 from cdsp_core.fsutil import atomic_write_text
 from cdsp_core.telemetry import MetricsCallback
@@ -47,7 +48,7 @@ def data_prep_step(prepared: Dataset, data_report: Markdown, fingerprint: str, m
     manifest = prepare.prepare(data_uri, prepared.path, scribble_dir=scribble_dir, split_dir=split_dir or None,
                                copy=True)
     fp = manifest["fingerprint"]
-    champion = tracking.champion_info()
+    champion = registry.champion_info()
     new_data = champion is None or champion.get("fingerprint") != fp
     if not new_data and not force_train:
         decision = (f"skip training: champion version {champion['version']} was trained on this very data "
@@ -68,7 +69,7 @@ def data_prep_step(prepared: Dataset, data_report: Markdown, fingerprint: str, m
     prom.close()
 
     prepared.metadata.update({"fingerprint": fp, "new_scribbles": new_data, **counts})
-    lines = ["# Data prep", "", f"- data: `{tracking.redact(data_uri)}`", f"- fingerprint: `{fp}`",
+    lines = ["# Data prep", "", f"- data: `{redact(data_uri)}`", f"- fingerprint: `{fp}`",
              f"- decision: **{decision}**", *(f"- {k}: {v}" for k, v in counts.items()),
              *(f"- warning: {w}" for w in manifest.get("warnings", [])[:20])]
     atomic_write_text(data_report.path, "\n".join(lines) + "\n")
@@ -129,7 +130,7 @@ def train_segmenter_step(prepared: Dataset, pseudo_labels: Dataset, model: Model
     with stage_run(mlflow_run_id, pipeline_run_id, "train_segmenter", params) as on_metrics:
         summary = fit_segmenter(prepared.path, pseudo_labels.path, model.path, cfg, n_gpus=n_gpus, resume=resume,
                                 mirror=mirror, on_metrics=on_metrics)
-        version = tracking.log_segmenter(model.path)
+        version = registry.log_segmenter(model.path)
         tracking.log_final_metrics(summary)
     mirror.clear()  # only now: a retry after training but before registration resumes at the last epoch
     kfp_metrics(train_metrics, summary)
@@ -149,7 +150,7 @@ def fit_segmenter(data_dir: str, pseudo_dir: str, model_dir: str, cfg: config.Se
     # their per-epoch history is recorded afterwards.
     with mirror.watching(model_dir):
         summary = train.launch_ddp(data_dir, pseudo_dir, model_dir, cfg, nproc=n_gpus, resume=resume)
-    history = json.loads((Path(model_dir) / "history.json").read_text(encoding="utf-8"))
+    history = json.loads((Path(model_dir) / modelfolder.HISTORY).read_text(encoding="utf-8"))
     for i, epoch in enumerate(history):
         on_metrics(epoch, int(epoch.get("epoch", i)))
     return summary
@@ -162,16 +163,16 @@ def evaluate_step(prepared: Dataset, model: Model, metrics: Metrics, report: HTM
     from cdsp_core import evaluate
 
     manifest = json.loads((Path(prepared.path) / "manifest.json").read_text(encoding="utf-8"))
-    val_split = tracking.val_split_id(manifest)
+    val_split = registry.val_split_id(manifest)
     params = {**config.to_dict(cfg), "device": device, "cls_gpus": gpu_count("cls_gpus", cls_gpus)}
     with stage_run(mlflow_run_id, pipeline_run_id, "evaluate", params):
         result = evaluate.evaluate(prepared.path, model.path, evaluation.path, cfg, split="val", device=device)
         tracking.log_evaluation(evaluation.path)
-        champion = tracking.champion_info()
+        champion = registry.champion_info()
         champion_miou = None
         if champion and champion["val_split"] != val_split and champion["version"] != model_version:
             champion_miou = champion_miou_on(prepared.path, champion["uri"], cfg, device)
-        decision = tracking.promote_if_better(model_version, result["miou"], val_split=val_split,
+        decision = registry.promote_if_better(model_version, result["miou"], val_split=val_split,
                                               fingerprint=fingerprint, champion_miou=champion_miou,
                                               veto=evaluate.promotion_veto(result))
         tracking.log_final_metrics({"promoted": float(decision["promoted"])})  # the rest went with log_evaluation
@@ -188,7 +189,7 @@ def champion_miou_on(data_dir: str, champion_uri: str, cfg: config.EvalConfig, d
 
     try:
         with tempfile.TemporaryDirectory(prefix="cdsp-champion-") as tmp:
-            champion_dir = tracking.resolve_model(champion_uri, Path(tmp) / "model")
+            champion_dir = registry.resolve_model(champion_uri, Path(tmp) / "model")
             return evaluate.evaluate(data_dir, champion_dir, f"{tmp}/eval", cfg, split="val", device=device)["miou"]
     except CdspError as e:  # e.g. another class list: not comparable, so the champion stays
         log.warning("cannot evaluate the champion on this val split: %s", e)
@@ -224,8 +225,6 @@ def kfp_metrics(metrics: Metrics, summary: dict) -> None:
 
 def html_report(path: str, result: dict, decision: dict, overlays: Path) -> None:
     """The evaluation as one self-contained HTML page: numbers, per-class table, decision, overlays."""
-    rows = "".join(f"<tr><td>{html.escape(str(name))}</td><td>{iou:.4f}</td></tr>"
-                   for name, iou in result["per_class_iou"].items())
     images = "".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
         f"<figcaption>{html.escape(p.stem)}: image | ground truth | prediction</figcaption></figure>"
@@ -237,5 +236,5 @@ def html_report(path: str, result: dict, decision: dict, overlays: Path) -> None
         f" on {result.get('n_images', '?')} images</p>"
         f"<p>Model version {html.escape(str(decision['version']))}: <b>{verdict}</b>: "
         f"{html.escape(decision['reason'])}</p>"
-        f"<table border='1' cellpadding='4'><tr><th>class</th><th>IoU</th></tr>{rows}</table>{images}"
+        f"{report.iou_table({'IoU': result['per_class_iou']}, as_html=True)}{images}"
         "</body></html>\n"))

@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 
 from cdsp_core import config, tracking
+from cdsp_core.credentials import redact
 from cdsp_core.errors import CdspError
 
 log = logging.getLogger("cdsp.local_run")
@@ -174,9 +175,9 @@ def summary_text(result: dict, tracking_uri: str) -> str:
     elif tracking_uri.startswith("sqlite:"):
         lines += [f"  MLflow UI:  mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000"]
     else:
-        lines += [f"  MLflow:     {tracking.redact(tracking_uri)} (experiment 'cdsp', model cdsp-segmenter)"]
+        lines += [f"  MLflow:     {redact(tracking_uri)} (experiment 'cdsp', model cdsp-segmenter)"]
     if os.environ.get("PUSHGATEWAY_URL"):
-        lines += [f"  Prometheus: metrics pushed to {tracking.redact(os.environ['PUSHGATEWAY_URL'])} (cdsp_* series)"]
+        lines += [f"  Prometheus: metrics pushed to {redact(os.environ['PUSHGATEWAY_URL'])} (cdsp_* series)"]
     return "\n".join(lines)
 
 

@@ -37,6 +37,19 @@ def mlflow_service(tmp_path_factory):
         yield server
 
 
+@pytest.fixture
+def mlflow_env(mlflow_service, monkeypatch, tmp_path):
+    """The session's MLflow server as MLFLOW_TRACKING_URI for this test (failing fast while it is away,
+    models cached in the test's folder); a client of it."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_service.url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while the server is away
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    monkeypatch.setenv("CDSP_CACHE_DIR", str(tmp_path / "cache"))
+    return MlflowClient(mlflow_service.url, registry_uri=mlflow_service.url)
+
+
 @pytest.fixture(scope="session")
 def s3_service(tmp_path_factory):
     """One moto S3 server for the session; each test keeps to its own buckets (`new_bucket`)."""

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from tiny_data import tiny_dataset
 
-from cdsp_core import bench, cli, config
+from cdsp_core import bench, cli, config, train
 
 # Tiny everything: 4 training images of 32 px, batches of 2, one epoch per stage.
 TINY = ["--preset", "cpu", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "2", "--crop-size", "32",
@@ -19,7 +19,7 @@ RUNS = "scribble-only,cdsp,scribble-only-drop0.5"
 
 def test_runs_switch_exactly_their_loss_terms():
     cfg = config.build(config.SegTrainConfig, "cpu", {"l_pseudo": 0.5})
-    weights = {r.name: {t: getattr(bench.run_config(r, cfg, 7), f"l_{t}") for t in bench.TERMS} for r in bench.RUNS}
+    weights = {r.name: train.loss_weights(bench.run_config(r, cfg, 7)) for r in bench.RUNS}
     assert weights["scribble-only"] == {"seg": 1.0, "pseudo": 0.0, "lorm": 0.0, "ds": 0.0, "dc": 0.0}
     assert weights["pseudo-only"] == {"seg": 0.0, "pseudo": 0.5, "lorm": 0.0, "ds": 0.0, "dc": 0.0}
     cdsp = {"seg": 1.0, "pseudo": 0.5, "lorm": 1.0, "ds": 1.0, "dc": 1.0}
@@ -68,7 +68,7 @@ def test_tiny_bench_writes_results_logs_mlflow_and_resumes(tmp_path, monkeypatch
             assert metrics["miou"] == pytest.approx(miou)
     by_name = {r["name"]: r for r in rows}
     assert set(by_name["scribble-only"]["losses"]) == {"seg"} and by_name["scribble-only"]["scribbles"] == "clean"
-    assert set(by_name["cdsp"]["losses"]) == set(bench.TERMS)
+    assert set(by_name["cdsp"]["losses"]) == set(train.LOSS_TERMS)
     assert by_name["scribble-only-drop0.5"]["scribbles"] == "drop(0.5)"
     # Stage 1 ran for the clean scribbles only (the one run using pseudo-labels), with its quality measured.
     assert set(results["stage1"]) == {"clean"}

@@ -37,12 +37,12 @@ CFG = {**TINY, "epochs": 4}
 DRIVER = """
 import json, logging, sys
 from kfp import dsl
-from cdsp_core import tracking
+from cdsp_core import registry
 from components import stages
 
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
 a = json.loads(sys.argv[1])
-tracking.MODEL_NAME = a["model_name"]
+registry.MODEL_NAME = a["model_name"]
 version = stages.train_segmenter(
     prepared=dsl.Dataset(name="prepared", uri=a["data"]), pseudo_labels=dsl.Dataset(name="pseudo", uri=a["pseudo"]),
     model=dsl.Model(name="model", uri=a["out"]), train_metrics=dsl.Metrics(name="train_metrics", uri=a["metrics"]),

@@ -1,6 +1,8 @@
 """The typed config is the one source of every flag and pipeline parameter."""
 
 import argparse
+import hashlib
+import json
 from collections import Counter
 
 from cdsp_core import config
@@ -34,7 +36,14 @@ def test_cli_flags_preset_and_overrides():
     assert config.from_namespace(config.SegTrainConfig, parser.parse_args([])).crop_size == 465
 
 
-def test_save_and_load_roundtrip(tmp_path):
+def test_settings_roundtrip_through_json():
+    """As a model folder's config.json holds them (to_dict), and as the pipeline builds them back (build)."""
     cfg = config.build(config.SegTrainConfig, "cpu", {"lr": 0.5})
-    config.save(tmp_path / "config.json", cfg)
-    assert config.load(config.SegTrainConfig, tmp_path / "config.json") == cfg
+    assert config.build(config.SegTrainConfig, None, json.loads(json.dumps(config.to_dict(cfg)))) == cfg
+
+
+def test_settings_digest_is_canonical_json():
+    a = {"lr": 0.5, "epochs": 3, "data": {"b": 1, "a": 2}}
+    assert config.settings_digest(a) == config.settings_digest(dict(reversed(a.items())))
+    assert config.settings_digest(a) == hashlib.sha256(json.dumps(a, sort_keys=True).encode()).hexdigest()
+    assert config.settings_digest({**a, "lr": 0.25}) != config.settings_digest(a)

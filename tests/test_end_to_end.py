@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from cdsp_core import cli, evaluate, synth
+from cdsp_core import cli, evaluate, modelfolder, synth
 from cdsp_core.config import EvalConfig
 
 N_TRAIN, N_VAL, SIZE, EPOCHS = 16, 6, 40, 3
@@ -58,9 +58,9 @@ def test_scribbles_to_a_segmenter_that_learns(tmp_path):
     untrained = tmp_path / "untrained"
     untrained.mkdir()
     shutil.copy(seg / "config.json", untrained)
-    info = evaluate.read_model_config(untrained)
+    info = modelfolder.read_config(untrained)
     torch.manual_seed(info["seed"])
-    torch.save(evaluate.build_model(info).state_dict(), untrained / "model.pt")
+    torch.save(modelfolder.build_model(info).state_dict(), untrained / "model.pt")
     before = evaluate.evaluate(str(data), str(untrained), str(tmp_path / "eval0"), EvalConfig(), device="cpu")
     print(f"classifier loss {cls_hist[0]['loss']:.3f} -> {cls_hist[-1]['loss']:.3f}; pseudo-label mIoU "
           f"{summary['pseudo_miou']:.3f}; segmenter loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}; "

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cdsp_core import cli, data, evaluate, synth
+from cdsp_core import cli, data, evaluate, modelfolder, synth
 from cdsp_core.config import EvalConfig
 from cdsp_core.errors import CdspError
 
@@ -21,7 +21,7 @@ def make_model_dir(path, class_names, kind="segmenter", seed=0):
     info = {"kind": kind, "class_names": class_names, "segmenter": "deeplabv2", "backbone": "resnet18",
             "cls_backbone": "resnet18", "cls_output_stride": 8}
     torch.manual_seed(seed)
-    model = evaluate.build_model(info)
+    model = modelfolder.build_model(info)
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(info))
     torch.save(model.state_dict(), path / "model.pt")

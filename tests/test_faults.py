@@ -36,7 +36,7 @@ import torch
 from mlflow import MlflowClient
 from tiny_data import data_with_gt_pseudo, leftovers
 
-from cdsp_core import tracking, train
+from cdsp_core import registry, tracking, train
 from cdsp_core.config import PseudoLabelConfig, SegTrainConfig
 from cdsp_core.errors import CdspError
 from cdsp_core.pseudolabel import pseudo_label
@@ -312,7 +312,7 @@ def test_disk_full_while_writing_pseudo_labels_keeps_the_previous_output(tiny, s
 def test_a_retried_stage_gives_the_same_outputs_without_new_runs_or_versions(tiny, tmp_path, monkeypatch,
                                                                               mlflow_service):
     model_name = f"cdsp-segmenter-retry-{uuid.uuid4().hex[:6]}"
-    monkeypatch.setattr(tracking, "MODEL_NAME", model_name)
+    monkeypatch.setattr(registry, "MODEL_NAME", model_name)
     experiment = f"retry-{uuid.uuid4().hex[:6]}"
     pseudo_cfg, seg_cfg = PseudoLabelConfig(), SegTrainConfig(**{**TINY, "epochs": 1})
     pseudo_out, model_out = tmp_path / "pseudo", tmp_path / "model"
@@ -329,7 +329,7 @@ def test_a_retried_stage_gives_the_same_outputs_without_new_runs_or_versions(tin
                 tracking.stage_run(parent, "train_segmenter", {"lr": seg_cfg.lr, "epochs": 1}) as run:
             train.train_segmenter(str(tiny / "data"), str(pseudo_out), str(model_out), seg_cfg,
                                   on_metrics=tracking.log_metrics)
-            versions.append(tracking.log_segmenter(model_out))
+            versions.append(registry.log_segmenter(model_out))
             if attempt == 1:  # pre-empted right after registering: the step fails, KFP retries it
                 raise SystemExit(128 + signal.SIGTERM)
         stage_runs.append(run)

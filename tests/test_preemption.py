@@ -28,7 +28,7 @@ from tiny_data import data_with_gt_pseudo, leftovers
 
 from cdsp_core import checkpoints, cli, config, losses, train
 from cdsp_core.config import ClassifierConfig, SegTrainConfig
-from cdsp_core.errors import CdspError
+from cdsp_core.errors import EXIT_PREEMPTED, CdspError
 
 REPO = Path(__file__).resolve().parents[1]
 # Narrow nets (small checkpoints), 8 images of 32 px: four steps an epoch, so a signal finds the
@@ -105,7 +105,7 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints_and_the_retry_res
     first = start(command(tiny, out, **settings), log1, new_session=True)
     wait_until(lambda: len(checkpoints._children(first.pid)) >= 2, first, log1, "two data-loader workers ran")
     os.killpg(first.pid, signal.SIGTERM)
-    assert finish(first) == train.EXIT_PREEMPTED, log1.read_text()
+    assert finish(first) == EXIT_PREEMPTED, log1.read_text()
     text = log1.read_text()
     assert "SIGTERM: checkpoint written to" in text and str(ckpt) in text
     assert "killed by signal" not in text and "Traceback" not in text
@@ -188,7 +188,7 @@ def test_sigterm_in_the_last_step_of_an_epoch_ends_the_epoch_first(tiny, tmp_pat
     with pytest.raises(SystemExit) as exit_:
         train.train_segmenter(str(tiny / "data"), str(tiny / "pseudo"), str(out), cfg)
     monkeypatch.undo()
-    assert exit_.value.code == train.EXIT_PREEMPTED
+    assert exit_.value.code == EXIT_PREEMPTED
     assert f"SIGTERM: checkpoint written to {out / 'checkpoint.pt'} after epoch 1; exiting" in caplog.text
     assert position(out / "checkpoint.pt") == (1, 0)
     caplog.clear()

@@ -23,7 +23,7 @@ import torch
 from kfp import dsl
 from PIL import Image
 
-from cdsp_core import config, storage, synth, tracking
+from cdsp_core import config, registry, storage, synth, tracking
 from components import stages
 from pipelines import local_run
 
@@ -111,7 +111,7 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
         assert (run_a / step / "model.pt").is_file(), step
     html = (run_a / "evaluate" / "report").read_text()
     assert "data:image/png;base64," in html and "promoted to champion" in html
-    champion = tracking.champion_info()
+    champion = registry.champion_info()
     assert champion["fingerprint"] == a["fingerprint"] and champion["miou"] == pytest.approx(
         a["metrics"]["miou"], abs=1e-6)
     parent = (run_a / "data-prep" / "mlflow_run_id").read_text()
@@ -136,7 +136,7 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
     run_b = max((tmp_path / "out" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
     assert run_b != run_a and sorted(p.name for p in run_b.iterdir()) == ["data-prep"]
     assert "skip training" in (run_b / "data-prep" / "data_report").read_text()
-    assert tracking.champion_info()["version"] == champion["version"]
+    assert registry.champion_info()["version"] == champion["version"]
 
     # C. new scribbles, and a val split that changed too: it trains again, with pseudo-labels from
     # elsewhere (s3://), and re-evaluates the champion on the new val split before deciding. The
@@ -178,12 +178,12 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
                     fingerprint=fingerprint, model_version=version, **run)
 
 
-    reason = _client().get_model_version(tracking.MODEL_NAME, version).tags[
-        tracking.TAG_REASON]
+    reason = _client().get_model_version(registry.MODEL_NAME, version).tags[
+        registry.TAG_REASON]
     # the champion was measured again on the new split, so the two mIoUs were compared
     assert f"champion version {champion['version']} (" in reason and "not comparable" not in reason
     assert promoted == ("does not beat" not in reason) == (metrics.metadata["promoted"] == 1.0)
-    now = tracking.champion_info()
+    now = registry.champion_info()
     assert now["version"] == (version if promoted else champion["version"])
     assert now["fingerprint"] == (fingerprint if promoted else a["fingerprint"])
     assert set(mlflow_children(run["mlflow_run_id"])) == STAGES - {"train_classifier"}

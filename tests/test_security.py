@@ -29,7 +29,7 @@ from kfp import dsl
 from mlflow import MlflowClient
 from tiny_data import bomb_png, leftovers
 
-from cdsp_core import cli, models, prepare, storage, synth, tracking
+from cdsp_core import cli, models, prepare, registry, storage, synth, tracking
 from components import stages
 from pipelines import cdsp_pipeline, local_run
 
@@ -118,7 +118,7 @@ def mlflow_records(client: MlflowClient, download_to: Path) -> dict[str, str]:
 def test_no_secret_in_the_compiled_pipeline_outputs_logs_or_mlflow(tmp_path, monkeypatch, caplog, capfd,
                                                                    mlflow_service, s3_service, pushgateway_service):
     model_name = f"cdsp-segmenter-security-{uuid.uuid4().hex[:6]}"
-    monkeypatch.setattr(tracking, "MODEL_NAME", model_name)
+    monkeypatch.setattr(registry, "MODEL_NAME", model_name)
     mlflow, s3, gateway = mlflow_service, s3_service, pushgateway_service
     env = {"AWS_ENDPOINT_URL_S3": s3.url, "AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": AWS_KEY_ID,
            "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "MLFLOW_TRACKING_USERNAME": "cdsp-ci",

@@ -1,0 +1,79 @@
+"""A model folder, as training writes it (`train.fit`) and every other stage reads it:
+
+    checkpoint.pt   the last training checkpoint (model, optimiser, scaler, scheduler, epoch, RNG), for --resume
+    model.pt        the final weights, written last: a folder with it holds a finished model
+    config.json     the settings, the class names and the architecture (`kind`: classifier or segmenter)
+    history.json    the per-epoch metrics
+
+Weights load with `torch.load(weights_only=True)`. torch is imported by the functions that load
+them, not with this module: the pipeline's data-prep step and the checkpoint mirror use the file
+names without it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cdsp_core.errors import CdspError, load_failure
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "model.pt"
+CONFIG = "config.json"
+HISTORY = "history.json"
+
+
+def read_config(folder: str | Path) -> dict:
+    """The folder's config.json, checked to describe a classifier or a segmenter with its classes."""
+    path = Path(folder) / CONFIG
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CdspError(f"{path}: missing (not a model folder written by cdsp train-classifier/train-seg)") from e
+    except (OSError, ValueError) as e:
+        raise CdspError(f"{path}: unreadable model config: {e}") from e
+    if not isinstance(info, dict) or info.get("kind") not in ("classifier", "segmenter") or not info.get("class_names"):
+        raise CdspError(f"{path}: not a cdsp model config (needs kind and class_names)")
+    return info
+
+
+def build_model(info: dict) -> nn.Module:
+    """The untrained network that a model config describes."""
+    from cdsp_core import models  # torch: see the module docstring
+
+    n = len(info["class_names"])
+    if info["kind"] == "classifier":
+        return models.build_classifier(info["cls_backbone"], n, info["cls_output_stride"],
+                                       width=info.get("cls_width", 64))
+    # Models written before output_stride, width and aspp_rates were settings had stride 8, width 64
+    # and the architecture's own rates.
+    return models.build_segmenter(info["segmenter"], info["backbone"], n, output_stride=info.get("output_stride", 8),
+                                  width=info.get("width", 64), aspp_rates=info.get("aspp_rates", ""))
+
+
+def load(folder: str | Path, device: torch.device | str = "cpu", kind: str | None = None) -> tuple[nn.Module, dict]:
+    """(network in eval mode on `device`, its config) of the finished model in a local folder."""
+    import torch
+
+    folder = Path(folder)
+    info = read_config(folder)
+    if kind and info["kind"] != kind:
+        raise CdspError(f"{folder}: holds a {info['kind']}, but a {kind} is needed here")
+    model = build_model(info)
+    path = folder / WEIGHTS
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise CdspError(f"{path}: missing (training did not finish? resume it with --resume)") from e
+    except Exception as e:  # truncated files and unpickling errors come in many types
+        raise CdspError(f"{path}: corrupt or unreadable weights ({load_failure(e)})") from e
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:  # another architecture or class count
+        raise CdspError(f"{path}: weights do not fit the architecture in {CONFIG}: {str(e).splitlines()[0]}") from e
+    return model.to(device, memory_format=torch.channels_last).eval(), info

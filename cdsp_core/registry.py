@@ -1,0 +1,263 @@
+"""The MLflow model registry: the segmenter logged and registered as `cdsp-segmenter`, the
+`champion` alias and the policy that moves it, and registered models back as local folders.
+
+    version = registry.log_segmenter(model_dir)    # inside tracking.stage_run(...): logged, registered
+    decision = registry.promote_if_better(version, miou, val_split=registry.val_split_id(manifest))
+    folder = registry.resolve_model("models:/cdsp-segmenter@champion")   # downloaded once, cached
+
+A retry registers nothing new: a model version is found again by its run. Reading or writing
+the registry when the server is unreachable raises a CdspError naming the server and what was
+not recorded (tracking.recording).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+from cdsp_core import modelfolder, tracking
+from cdsp_core.credentials import redact
+from cdsp_core.errors import CdspError
+from cdsp_core.fsutil import atomic_dir
+from cdsp_core.tracking import TAG_CODE_VERSION, TAG_FINGERPRINT, TAG_PIPELINE_RUN
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "cdsp-segmenter"
+CHAMPION = "champion"
+
+# tags of model versions (and of the evaluation run that decided)
+TAG_SOURCE_RUN = "cdsp.source_run_id"
+TAG_MIOU = "cdsp.miou"
+TAG_VAL_SPLIT = "cdsp.val_split"
+TAG_DECISION = "cdsp.promotion"
+TAG_REASON = "cdsp.promotion_reason"
+# the files of a model folder that ride along with the logged model (what resolve_model gives back)
+FOLDER_FILES = (modelfolder.WEIGHTS, modelfolder.CONFIG, modelfolder.HISTORY)
+
+
+def _logits_only(model):
+    """Our segmenters return {"out": logits, ...}; the logged model returns the logits tensor."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            out = self.net(x)
+            return out["out"] if isinstance(out, dict) else out
+
+    return Logits(model).eval()
+
+
+def log_segmenter(model_dir: str | os.PathLike, run_id: str | None = None, *, model=None,
+                  input_size: int = 64) -> str:
+    """Log the segmenter of `model_dir` with `mlflow.pytorch` and register it as `cdsp-segmenter`.
+
+    The logged model is pickle-free (`torch.export`, 'pt2'), with a signature (N×3×H×W float
+    images -> N×C×H×W logits) and an input example; the model folder's `model.pt`,
+    `config.json` and `history.json` ride along as extra files, which is what `resolve_model`
+    gives back. `model` defaults to the network rebuilt from the folder. A retry returns the
+    version already registered for this run. Returns the version number (a string).
+    """
+    import numpy as np
+
+    run_id = tracking.run_or_active(run_id)
+    folder = Path(model_dir)
+    client = tracking.mlflow_client()
+    with tracking.recording(f"the segmenter of run {run_id}"):
+        done = client.search_model_versions(f"name='{MODEL_NAME}' and run_id='{run_id}'")
+        if done:
+            version = str(max(int(v.version) for v in done))
+            log.info("MLflow: run %s already registered %s version %s", run_id, MODEL_NAME, version)
+            return version
+        run = client.get_run(run_id)
+    if model is None:
+        model, info = modelfolder.load(folder, "cpu", kind="segmenter")
+        n_classes = len(info["class_names"])
+    else:
+        n_classes = None
+    net = _logits_only(model)
+    example = np.zeros((2, 3, input_size, input_size), dtype=np.float32)
+    if n_classes is None:
+        import torch
+
+        with torch.no_grad():
+            n_classes = int(net(torch.from_numpy(example)).shape[1])
+    if not (folder / modelfolder.WEIGHTS).is_file():
+        raise CdspError(f"{folder / modelfolder.WEIGHTS}: missing; log the segmenter after training wrote it")
+    extra = [str(folder / f) for f in FOLDER_FILES if (folder / f).is_file()]
+
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),  # unnamed: one tensor in
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes, -1, -1))]))
+    version_tags = {TAG_SOURCE_RUN: run_id, TAG_CODE_VERSION: tracking.code_version(),
+                    TAG_FINGERPRINT: run.data.tags.get(TAG_FINGERPRINT, ""),
+                    TAG_PIPELINE_RUN: run.data.tags.get(TAG_PIPELINE_RUN, "")}
+    with tracking.recording(f"the segmenter of run {run_id}"):
+        mlflow.set_experiment(experiment_id=run.info.experiment_id)  # where log_model files the model
+        info = mlflow.pytorch.log_model(
+            net, name="segmenter", run_id=run_id, signature=signature, input_example=example,
+            extra_files=extra, pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+            registered_model_name=MODEL_NAME, serialization_format="pt2")
+        version = str(info.registered_model_version)
+        for k, v in version_tags.items():
+            if v:
+                client.set_model_version_tag(MODEL_NAME, version, k, v)
+        for f in extra:  # the config and history also on the run's own artifact page
+            if Path(f).name != modelfolder.WEIGHTS:
+                client.log_artifact(run_id, f)
+    log.info("MLflow: registered %s version %s from run %s", MODEL_NAME, version, run_id)
+    return version
+
+
+def val_split_id(manifest: dict) -> str:
+    """A hash of the val split a manifest describes (ids, images, ground truth): mIoUs compare
+    only between evaluations on equal ids."""
+    lines = sorted(f"{im['id']}:{im.get('sha256', {}).get('image', '')}:{im.get('sha256', {}).get('gt', '')}"
+                   for im in manifest.get("images", []) if im.get("split") == "val")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16] if lines else ""
+
+
+def _champion(client):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
+    except MlflowException as e:
+        if tracking.not_found(e):
+            return None
+        raise
+
+
+def promote_if_better(version: str, miou: float, *, val_split: str, fingerprint: str = "",
+                      run_id: str | None = None, champion_miou: float | None = None, veto: str = "") -> dict:
+    """Move the alias `champion` to `version` only if its mIoU beats the champion's on the same val split.
+
+    The comparison needs both mIoUs on the same split (`val_split`, e.g. `val_split_id(manifest)`):
+    a champion evaluated on another split is kept unless `champion_miou` (the champion
+    re-evaluated on this split) is given. A `veto` (e.g. `evaluate.promotion_veto(metrics)`: the
+    model predicts a single class) keeps the champion whatever the mIoU. The decision and its reason are written on the
+    version (tags and description) and, given `run_id` (default: the open stage run, if
+    any), on that run. Returns {"promoted", "reason", "version", "miou", "champion_version",
+    "champion_miou"}.
+    """
+    version = str(version)
+    client = tracking.mlflow_client()
+    with tracking.recording(f"the champion decision for {MODEL_NAME} version {version}"):
+        client.get_model_version(MODEL_NAME, version)  # exists?
+        tags = {TAG_MIOU: f"{miou:.6f}", TAG_VAL_SPLIT: val_split}
+        if fingerprint:
+            tags[TAG_FINGERPRINT] = fingerprint
+        for k, v in tags.items():
+            client.set_model_version_tag(MODEL_NAME, version, k, v)
+        champ = _champion(client)
+        champ_version = str(champ.version) if champ else None
+        champ_miou = champion_miou
+        if champ is not None and champ_miou is None and champ.tags.get(TAG_VAL_SPLIT) == val_split:
+            champ_miou = float(champ.tags.get(TAG_MIOU, "nan"))
+        if not math.isfinite(miou):
+            promoted, reason = False, f"mIoU {miou} is not a number"
+        elif veto:
+            promoted, reason = False, f"{veto} (mIoU {miou:.4f}): not a usable segmenter"
+        elif champ is None:
+            promoted, reason = True, f"no champion yet; mIoU {miou:.4f} on val split {val_split}"
+        elif champ_version == version:
+            promoted, reason = True, f"version {version} is already the champion"
+        elif champ_miou is None or not math.isfinite(champ_miou):
+            promoted, reason = False, (
+                f"champion version {champ_version} was evaluated on val split "
+                f"{champ.tags.get(TAG_VAL_SPLIT) or '?'}, this model on {val_split}: not comparable; "
+                "re-evaluate the champion on this split and pass champion_miou")
+        elif miou > champ_miou:
+            promoted, reason = True, (f"mIoU {miou:.4f} beats champion version {champ_version} "
+                                      f"({champ_miou:.4f}) on val split {val_split}")
+        else:
+            promoted, reason = False, (f"mIoU {miou:.4f} does not beat champion version {champ_version} "
+                                       f"({champ_miou:.4f}) on val split {val_split}")
+        if champ is not None and champion_miou is not None and champ_version != version:
+            # The champion measured again on this split: record it, so the next run compares directly.
+            client.set_model_version_tag(MODEL_NAME, champ_version, TAG_MIOU, f"{champion_miou:.6f}")
+            client.set_model_version_tag(MODEL_NAME, champ_version, TAG_VAL_SPLIT, val_split)
+        if promoted and champ_version != version:
+            client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
+        client.set_model_version_tag(MODEL_NAME, version, TAG_DECISION, "promoted" if promoted else "kept")
+        client.set_model_version_tag(MODEL_NAME, version, TAG_REASON, reason)
+        client.update_model_version(MODEL_NAME, version, description=f"{'Champion' if promoted else 'Not promoted'}"
+                                                                     f": {reason}.")
+        run_id = run_id or tracking.open_run_id()
+        if run_id:
+            tracking.set_tags(client, run_id, {TAG_DECISION: "promoted" if promoted else "kept", TAG_REASON: reason,
+                                       "cdsp.model_version": version})
+    log.info("MLflow: %s version %s %s: %s", MODEL_NAME, version, "promoted to champion" if promoted else "kept",
+             reason)
+    return {"promoted": promoted, "reason": reason, "version": version, "miou": miou,
+            "champion_version": champ_version, "champion_miou": champ_miou}
+
+
+def champion_info() -> dict | None:
+    """The current champion: {"version", "run_id", "fingerprint", "miou", "val_split",
+    "pipeline_run_id", "uri"}, or None when there is none yet."""
+    client = tracking.mlflow_client()
+    with tracking.recording(f"(reading) the {CHAMPION} of {MODEL_NAME}"):
+        champ = _champion(client)
+    if champ is None:
+        return None
+    miou = champ.tags.get(TAG_MIOU)
+    return {"version": str(champ.version), "run_id": champ.run_id, "fingerprint": champ.tags.get(TAG_FINGERPRINT),
+            "miou": float(miou) if miou else None, "val_split": champ.tags.get(TAG_VAL_SPLIT),
+            "pipeline_run_id": champ.tags.get(TAG_PIPELINE_RUN), "uri": f"models:/{MODEL_NAME}@{CHAMPION}"}
+
+
+def resolve_model(uri: str, dest: str | os.PathLike | None = None) -> str:
+    """A local model folder (`model.pt`, `config.json`, ...) for `models:/<name>@<alias>` or
+    `models:/<name>/<version>`, as `cdsp predict` and `cdsp evaluate` take it.
+
+    Downloaded once into `dest` (default: a cache under `CDSP_CACHE_DIR`, else ~/.cache/cdsp,
+    keyed by the logged model's id), atomically. Nothing is unpickled: the folder's weights are
+    loaded with `torch.load(weights_only=True)`.
+    """
+    import mlflow
+
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([A-Za-z0-9_-]+)|/(\d+))", uri)
+    if not m:
+        raise CdspError(f"{uri}: not a registered model URI (models:/<name>@<alias> or models:/<name>/<version>)")
+    name, alias, number = m.groups()
+    client = tracking.mlflow_client()
+    with tracking.recording(f"(reading) {uri}"):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+        except MlflowException as e:
+            if tracking.not_found(e):
+                raise CdspError(f"{uri}: no such registered model version in MLflow at "
+                                f"{redact(tracking.tracking_uri())}") from e
+            raise
+        model_id = mv.source.rsplit("/", 1)[-1] if mv.source.startswith("models:/") else ""
+        location = client.get_logged_model(model_id).artifact_location if model_id else mv.source
+    cache = Path(os.environ.get("CDSP_CACHE_DIR") or Path.home() / ".cache" / "cdsp") / "models"
+    target = Path(dest) if dest else cache / f"{tracking.snake(name)}-v{mv.version}-{model_id or mv.run_id}"
+    if (target / modelfolder.WEIGHTS).is_file() and (target / modelfolder.CONFIG).is_file():
+        return str(target)
+    with tracking.recording(f"(downloading) {uri}"), atomic_dir(target) as tmp:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/extra_files", dst_path=str(tmp)))
+        for f in got.iterdir():
+            f.rename(tmp / f.name)
+        got.rmdir()
+    if not (target / modelfolder.WEIGHTS).is_file():
+        raise CdspError(f"{uri}: version {mv.version} has no {modelfolder.WEIGHTS} (not logged by "
+                        "registry.log_segmenter)")
+    log.info("MLflow: %s is version %s, in %s", uri, mv.version, target)
+    return str(target)
