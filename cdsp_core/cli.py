@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = (
     "cdsp_core.synth",
     "cdsp_core.scribbles",
     "cdsp_core.prepare",
+    "cdsp_core.datastore",
     "cdsp_core.train",
     "cdsp_core.pseudolabel",
     "cdsp_core.evaluate",
