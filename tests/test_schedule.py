@@ -23,9 +23,10 @@ import torch
 from kfp import dsl
 from PIL import Image
 
-from cdsp_core import config, storage, synth, tracking
+from cdsp_core import config, datastore, storage, synth, tracking
 from components import stages
 from pipelines import local_run
+from pipelines.cdsp_pipeline import PIPELINE_NAME
 
 # Tiny settings: 8 train / 4 val images of 32 px, one epoch of each stage, ResNet-18.
 TINY = {"cls_backbone": "resnet18", "cls_epochs": 1, "cls_batch_size": 8, "cls_crop_size": 32, "cls_workers": 0,
@@ -105,8 +106,12 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
     assert set(a["metrics"]["per_class_iou"]) <= set(synth.CLASSES)
     assert "| background |" in a["report"]
     prepared = run_a / "data-prep" / "prepared"
-    assert json.loads((prepared / "manifest.json").read_text())["n_train"] == 8
-    assert (prepared / "JPEGImages").is_dir()  # the s3:// data was copied into the Dataset artifact
+    record = json.loads((prepared / datastore.DATASET).read_text())
+    assert record["n_train"] == 8 and record["cost"]["downloaded"] == record["cost"]["listed"] - 1  # not synth.json
+    assert sorted(p.name for p in prepared.iterdir()) == [datastore.DATASET]  # the files are in the data store
+    store = tmp_path / "out" / "runs" / "datastore"
+    assert record["store"] == str(store) and datastore.read_record(str(store), record["run"])["manifest"] == \
+        record["manifest"]
     for step in ("train-classifier/classifier", "train-segmenter/model"):
         assert (run_a / step / "model.pt").is_file(), step
     html = (run_a / "evaluate" / "report").read_text()
@@ -133,9 +138,12 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
                            *cli_flags(TINY)]) == 0
     printed = capsys.readouterr().out
     assert "Training skipped" in printed and a["fingerprint"][:16] in printed
-    run_b = max((tmp_path / "out" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    run_b = max((p for p in (tmp_path / "out" / "runs").iterdir() if p.name.startswith(PIPELINE_NAME)),
+                key=lambda p: p.stat().st_mtime)
     assert run_b != run_a and sorted(p.name for p in run_b.iterdir()) == ["data-prep"]
-    assert "skip training" in (run_b / "data-prep" / "data_report").read_text()
+    report_b = (run_b / "data-prep" / "data_report").read_text()
+    assert "skip training" in report_b and "0 downloaded" in report_b
+    assert "nothing added, changed or removed" in report_b
     assert tracking.champion_info()["version"] == champion["version"]
 
     # C. new scribbles, and a val split that changed too: it trains again, with pseudo-labels from
@@ -154,6 +162,7 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
     torch.set_num_threads(1)  # as the local run does on a busy machine (OpenMP threads spin)
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     out = tmp_path / "c"
+    monkeypatch.setenv(datastore.ENV, str(store))  # what the compiled pipeline sets for data prep
     prepared = dsl.Dataset(uri=str(out / "prepared"), metadata={})
     assert call(stages.data_prep, args_c, prepared=prepared, data_report=dsl.Markdown(uri=str(out / "report.md")),
                 fingerprint=str(out / "fingerprint"), mlflow_run_id=str(out / "run_id"),
@@ -161,6 +170,20 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
     fingerprint = (out / "fingerprint").read_text()
     assert fingerprint not in (a["fingerprint"], "")
     run = {"mlflow_run_id": (out / "run_id").read_text(), "pipeline_run_id": "schedule-c"}
+    # only what changed since the champion's data was read, and the report and MLflow say what it was
+    changes = {"since": record["run"], "added": {}, "changed": {"train": ["train_00000"]},
+               "removed": {"val": [val_ids[-1]]}}
+    record_c = json.loads((out / "prepared" / datastore.DATASET).read_text())
+    assert {k: record_c["changes"][k] for k in changes} == changes
+    assert sum(record_c["changes"]["new_scribble_pixels"].values()) == added
+    assert record_c["cost"]["downloaded"] == 4  # classes.txt, train.txt, val.txt and the new scribble
+    report_c = (out / "report.md").read_text()
+    assert "- changed (train, 1): train_00000" in report_c and f"- removed (val, 1): {val_ids[-1]}" in report_c
+    parent_c = _client().get_run(run["mlflow_run_id"])
+    assert parent_c.data.metrics["data_changed"] == 1 and parent_c.data.metrics["data_removed"] == 1
+    logged = json.loads(Path(_client().download_artifacts(run["mlflow_run_id"], "data_changes.json",
+                                                          str(tmp_path))).read_text())
+    assert logged == record_c["changes"]
     classifier = dsl.Model(uri=str(out / "classifier"), metadata={})
     call(stages.train_classifier, args_c, prepared=prepared, classifier=classifier,
          classifier_metrics=dsl.Metrics(uri=str(out / "m1")), **run)
