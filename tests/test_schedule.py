@@ -8,7 +8,8 @@ C. new scribbles in the bucket (more strokes on one image, and a new image scrib
    changed since the champion's data and says so, it trains again (with external
    pseudo-labels, also on s3://), re-evaluates the champion on the new val split and promotes the
    new model only if its mIoU beats the champion's there (these steps run in-process, see below).
-Then `cdsp suggest` names the next images to scribble. MLflow is a real SQLite database, telemetry goes to a real Pushgateway.
+Then `cdsp suggest` names the next images to scribble. MLflow is a real SQLite database, telemetry
+goes to a real Pushgateway.
 """
 
 from __future__ import annotations
