@@ -11,10 +11,10 @@ import argparse
 import logging
 import sys
 
-from cdsp_core import bench, evaluate, logs, prepare, pseudolabel, scribbles, suggest, synth, train
+from cdsp_core import bench, datastore, evaluate, logs, prepare, pseudolabel, scribbles, suggest, synth, train
 from cdsp_core.errors import CdspError
 
-SUBCOMMAND_MODULES = (synth, scribbles, prepare, train, pseudolabel, evaluate, suggest, bench)
+SUBCOMMAND_MODULES = (synth, scribbles, prepare, datastore, train, pseudolabel, evaluate, suggest, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -295,6 +295,8 @@ class ClusterConfig:
     pipeline_root: str = opt("s3://cdsp-artifacts/kfp", "where KFP keeps the artifacts of every run (an S3 URI)")
     checkpoint_root: str = opt("", "where the training steps mirror their checkpoints, so that a retried pod resumes: "
                                    "an S3 URI or a folder; empty: <pipeline_root>/checkpoints")
+    data_store: str = opt("", "where data prep keeps every dataset file once, by content, with each run's manifest "
+                              "(cdsp_core/datastore.py): an S3 URI or a folder; empty: <pipeline_root>/datastore")
     s3_secret: str = opt("cdsp-s3", "Kubernetes secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
     mlflow_secret: str = opt("cdsp-mlflow", "Kubernetes secret with MLFLOW_TRACKING_URI (and optional credentials)")
     settings_config_map: str = opt("cdsp-settings",

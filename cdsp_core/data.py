@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,14 +57,40 @@ def voc_palette() -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------
+# Which files a dataset root holds
+
+
+class RootFiles:
+    """The files under a dataset root: on disk, or given as a listing of relative paths
+    ('/'-separated), e.g. of an S3 prefix whose objects are not downloaded (prepare.py)."""
+
+    def __init__(self, root: Path, listing: Collection[str] | None = None):
+        self.root = root
+        self.listing = None if listing is None else set(listing)
+        self.dirs = None if listing is None else {rel.rsplit("/", 1)[0] for rel in self.listing if "/" in rel}
+        if self.dirs is not None:  # every ancestor folder too
+            self.dirs |= {d.rsplit("/", k)[0] for d in self.dirs for k in range(1, d.count("/") + 1)}
+
+    def is_file(self, rel: str) -> bool:
+        return (self.root / rel).is_file() if self.listing is None else Path(rel).as_posix() in self.listing
+
+    def is_dir(self, rel: str) -> bool:
+        return (self.root / rel).is_dir() if self.dirs is None else Path(rel).as_posix() in self.dirs
+
+
+# ---------------------------------------------------------------------------------------
 # Class lists
 
 
-def read_classes(root: str | os.PathLike) -> list[str]:
+CLASS_FILES = ("labelmap.txt", "classes.txt")  # first found wins
+
+
+def read_classes(root: str | os.PathLike, files: RootFiles | None = None) -> list[str]:
     """Class names of a dataset root, index = class: `labelmap.txt`, else `classes.txt`, else VOC's 21."""
     root = Path(root)
-    for name in ("labelmap.txt", "classes.txt"):
-        if (root / name).is_file():
+    files = files or RootFiles(root)
+    for name in CLASS_FILES:
+        if files.is_file(name):
             return read_class_file(root / name)
     return list(VOC_CLASSES)
 
@@ -221,24 +247,23 @@ def read_split(path: Path) -> list[str]:
     return ids
 
 
-def _find_split_dir(root: Path) -> str:
+def _find_split_dir(root: Path, files: RootFiles) -> str:
     for d in SPLIT_DIRS:
-        if any((root / d / f"{s}.txt").is_file() for s in SPLITS):
+        if any(files.is_file(f"{d}/{s}.txt") for s in SPLITS):
             return d
     raise CdspError(f"{root}: no split lists found (looked for train.txt/val.txt in "
                     f"{' and '.join(SPLIT_DIRS)}; pass --split-dir)")
 
 
-def _find(folder: Path, stem: str, exts: tuple[str, ...]) -> Path | None:
+def _find(files: RootFiles, folder: str, stem: str, exts: tuple[str, ...]) -> Path | None:
     for ext in exts:
-        p = folder / (stem + ext)
-        if p.is_file():
-            return p
+        if files.is_file(f"{folder}/{stem}{ext}"):
+            return files.root / folder / (stem + ext)
     return None
 
 
 def load_index(root: str | os.PathLike, scribble_dir: str | None = None,
-               split_dir: str | None = None) -> DatasetIndex:
+               split_dir: str | None = None, *, listing: Collection[str] | None = None) -> DatasetIndex:
     """Resolve a dataset root to its classes and the files of every split.
 
     Folder names: the explicit arguments, else those recorded in `root/manifest.json` (written
@@ -246,24 +271,29 @@ def load_index(root: str | os.PathLike, scribble_dir: str | None = None,
     ImageSets/SegmentationAug and ImageSets/Segmentation that holds lists). Checks that the
     files exist (every image; scribbles of train images; scribble or ground truth of val
     images); their contents are checked by `cdsp prepare`.
+
+    `listing` (relative paths) says which files the root holds where they are not all on disk:
+    existence is checked in it, and only the small files read here (manifest.json, the class
+    list, the split lists) need to be under `root`; the items' paths are under `root` all the same.
     """
     root = Path(root)
     if not root.is_dir():
         raise CdspError(f"{root}: dataset folder not found")
-    manifest = _read_manifest(root)
-    classes = read_classes(root)
+    files = RootFiles(root, listing)
+    manifest = _read_manifest(root) if files.is_file(MANIFEST) else {}
+    classes = read_classes(root, files)
     scribble_dir = scribble_dir or manifest.get("scribble_dir") or DEFAULT_SCRIBBLE_DIR
-    if not (root / scribble_dir).is_dir():
+    if not files.is_dir(scribble_dir):
         raise CdspError(f"{root / scribble_dir}: scribble folder not found (pass --scribble-dir)")
-    split_dir = split_dir or manifest.get("split_dir") or _find_split_dir(root)
-    if not (root / split_dir).is_dir():
+    split_dir = split_dir or manifest.get("split_dir") or _find_split_dir(root, files)
+    if not files.is_dir(split_dir):
         raise CdspError(f"{root / split_dir}: split folder not found")
 
     index = DatasetIndex(root, classes, scribble_dir, split_dir)
     missing: list[str] = []
     for split in SPLITS:
         list_path = root / split_dir / f"{split}.txt"
-        if not list_path.is_file():
+        if not files.is_file(f"{split_dir}/{split}.txt"):
             if split == "train":
                 raise CdspError(f"{list_path}: training list not found")
             index.warnings.append(f"{list_path}: no val list; nothing to evaluate on")
@@ -273,9 +303,9 @@ def load_index(root: str | os.PathLike, scribble_dir: str | None = None,
             raise CdspError(f"{list_path}: the {split} split is empty")
         items = []
         for i in ids:
-            image = _find(root / IMAGE_DIR, i, IMAGE_EXTS)
-            scribble = _find(root / scribble_dir, i, (".png",))
-            gt = next((p for d in GT_DIRS if (p := _find(root / d, i, (".png",)))), None)
+            image = _find(files, IMAGE_DIR, i, IMAGE_EXTS)
+            scribble = _find(files, scribble_dir, i, (".png",))
+            gt = next((p for d in GT_DIRS if (p := _find(files, d, i, (".png",)))), None)
             if image is None:
                 missing.append(f"{list_path} names {i}, but {root / IMAGE_DIR / i}.jpg is missing")
             elif scribble is None and split == "train":

@@ -16,6 +16,7 @@ completed or aborted, so a failed upload leaves no object under its key.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from cdsp_core.errors import CdspError
-from cdsp_core.fsutil import atomic_dir, atomic_path
+from cdsp_core.fsutil import atomic_dir, atomic_path, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -212,19 +213,19 @@ def _check_size(uri: str, size: int, max_bytes: int | None) -> None:
 
 # --- listing -------------------------------------------------------------------------------
 
-def _list_s3(s3, uri: str, attempts: int) -> list[tuple[str, int]]:
-    """(relative key, size) of every object under an S3 folder URI, keys checked."""
+def _list_s3(s3, uri: str, attempts: int) -> list[tuple[str, int, str]]:
+    """(relative key, size, ETag) of every object under an S3 folder URI, keys checked."""
     bucket, prefix = split_s3(uri)
     start = f"{prefix}/" if prefix else ""
 
-    def list_all() -> list[tuple[str, int]]:
+    def list_all() -> list[tuple[str, int, str]]:
         found = []
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start):
             for obj in page.get("Contents", []):
                 rel = obj["Key"][len(start):]
                 if rel.endswith("/") and obj["Size"] == 0:
                     continue  # a "folder" marker made by consoles
-                found.append((check_key(rel, f"s3://{bucket}/{obj['Key']}"), int(obj["Size"])))
+                found.append((check_key(rel, f"s3://{bucket}/{obj['Key']}"), int(obj["Size"]), obj.get("ETag", "")))
         return found
 
     return sorted(_with_retries(uri, list_all, attempts))
@@ -233,11 +234,53 @@ def _list_s3(s3, uri: str, attempts: int) -> list[tuple[str, int]]:
 def list_files(uri: str, *, attempts: int = TRANSFER_ATTEMPTS) -> list[str]:
     """Relative paths ('/'-separated, sorted) of every file under a folder path or S3 prefix."""
     if is_remote(uri):
-        return [rel for rel, _ in _list_s3(client(), uri, attempts)]
+        return [rel for rel, _, _ in _list_s3(client(), uri, attempts)]
     root = _local(uri)
     if not root.is_dir():
         raise CdspError(f"{uri}: not a folder")
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def list_versions(uri: str, *, attempts: int = TRANSFER_ATTEMPTS) -> dict[str, tuple[int, str]]:
+    """{relative path: (size, version)} of every file under a folder path or S3 prefix, from one listing.
+
+    The version of an object is its ETag (S3 gives a new one whenever an object is written with
+    other bytes); of a local file, its modification time in nanoseconds. `download_version`
+    fetches exactly that version, or fails.
+    """
+    if is_remote(uri):
+        return {rel: (size, etag) for rel, size, etag in _list_s3(client(), uri, attempts)}
+    root = _local(uri)
+    if not root.is_dir():
+        raise CdspError(f"{uri}: not a folder")
+    out = {}
+    for p in root.rglob("*"):
+        if p.is_file():
+            st = p.stat()
+            out[p.relative_to(root).as_posix()] = (st.st_size, str(st.st_mtime_ns))
+    return dict(sorted(out.items()))
+
+
+def is_file(uri: str, *, attempts: int = TRANSFER_ATTEMPTS) -> bool:
+    """True if `uri` is a file or object (one HEAD request on S3)."""
+    if not is_remote(uri):
+        return _local(uri).is_file()
+    from botocore.exceptions import ClientError
+
+    s3 = client()
+    bucket, key = split_s3(uri)
+    check_key(key, uri)
+
+    def head() -> bool:
+        try:
+            s3.head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as e:
+            if _status(e) == 404:
+                return False
+            raise
+
+    return _with_retries(uri, head, attempts)
 
 
 def exists(uri: str, *, attempts: int = TRANSFER_ATTEMPTS) -> bool:
@@ -314,6 +357,93 @@ def read_bytes(uri: str, max_bytes: int = READ_LIMIT, *, attempts: int = TRANSFE
     data = _with_retries(uri, get, attempts)
     _check_size(uri, len(data), max_bytes)
     return data
+
+
+class ObjectChanged(CdspError):
+    """A file or object is no longer the version its listing gave: it was changed or removed since."""
+
+
+_MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')  # the ETag of an object not uploaded in parts: its MD5
+
+
+def download_version(uri: str, dest: str | os.PathLike, *, size: int, version: str, max_bytes: int | None = None,
+                     attempts: int = TRANSFER_ATTEMPTS) -> str:
+    """Copy exactly the listed version (`list_versions`) of a file or object to `dest`; its SHA-256.
+
+    S3: one GET with `If-Match: <ETag>`, so the store itself refuses any other version (HTTP 412);
+    the bytes are checked against the listed size and, where the ETag is the MD5 of the content,
+    against that. A local file: its size and modification time before and after the copy. Any
+    mismatch raises ObjectChanged, and `dest` does not appear.
+    """
+    dest = Path(dest)
+    _check_size(uri, size, max_bytes)
+    if not is_remote(uri):
+        src = _local(uri)
+
+        def changed() -> bool:
+            try:
+                st = src.stat()
+            except FileNotFoundError:
+                return True
+            return (st.st_size, str(st.st_mtime_ns)) != (size, version)
+
+        with atomic_path(dest) as tmp:
+            if changed():
+                raise ObjectChanged(f"{uri}: changed or removed since the folder was listed")
+            with open(src, "rb") as fh:
+                sha256, _ = _copy_hashing(fh, tmp)
+            if changed():
+                raise ObjectChanged(f"{uri}: changed while it was read")
+        return sha256
+    from botocore.exceptions import ClientError
+
+    s3 = client()
+    bucket, key = split_s3(uri)
+    check_key(key, uri)
+    md5 = _MD5_ETAG.match(version)
+
+    def once() -> str:
+        with atomic_path(dest) as tmp:
+            try:
+                body = s3.get_object(Bucket=bucket, Key=key, IfMatch=version)["Body"]
+            except ClientError as e:
+                if _status(e) in (404, 412):
+                    raise ObjectChanged(f"{uri}: changed or removed since the prefix was listed (ETag {version} "
+                                        f"{'is gone' if _status(e) == 412 else 'and the object are gone'})") from e
+                raise
+            sha256, got_md5 = _copy_hashing(body, tmp)
+            body.close()
+            got = tmp.stat().st_size
+            if got != size:  # a truncated body is never renamed into place; try again
+                raise ConnectionError(f"downloaded {got} of {size} bytes")
+            if md5 and got_md5 != md5.group(1):
+                raise ObjectChanged(f"{uri}: the bytes read do not match its ETag {version} (MD5 {got_md5})")
+        return sha256
+
+    return _with_retries(uri, once, attempts)
+
+
+def _copy_hashing(src, dest: Path) -> tuple[str, str]:
+    """Copy a readable stream to `dest`; the SHA-256 and MD5 of what was copied."""
+    sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with open(dest, "wb") as fh:
+        for chunk in iter(lambda: src.read(1 << 20), b""):
+            sha256.update(chunk)
+            md5.update(chunk)
+            fh.write(chunk)
+    return sha256.hexdigest(), md5.hexdigest()
+
+
+def write_bytes(uri: str, data: bytes, *, attempts: int = TRANSFER_ATTEMPTS) -> str:
+    """Write a small file or object whole: a local file renamed into place, an S3 object in one PUT."""
+    if not is_remote(uri):
+        atomic_write_bytes(_local(uri), data)
+        return uri
+    s3 = client()
+    bucket, key = split_s3(uri)
+    check_key(key, uri)
+    _with_retries(uri, lambda: s3.put_object(Bucket=bucket, Key=key, Body=data), attempts)
+    return uri
 
 
 def download_file(uri: str, dest: str | os.PathLike, *, max_bytes: int | None = None,
@@ -439,15 +569,15 @@ def download_dir(uri: str, dest_dir: str | os.PathLike, *, max_bytes: int | None
     objects = _list_s3(s3, uri, attempts)
     if not objects:
         raise CdspError(f"{uri}: no objects under this prefix")
-    for rel, size in objects:
+    for rel, size, _ in objects:
         _check_size(f"s3://{bucket}/{_join(prefix, rel)}", size, max_bytes)
     config = _transfer_config(multipart_threshold)
     with atomic_dir(dest) as tmp:
-        def fetch(item: tuple[str, int]) -> None:
-            rel, size = item
+        def fetch(item: tuple[str, int, str]) -> None:
+            rel, size, _ = item
             _download(s3, bucket, _join(prefix, rel), tmp / rel, size, config, attempts)
 
-        _parallel(fetch, objects)
+        parallel(fetch, objects)
     log.info("downloaded %d files from %s to %s", len(objects), uri, dest)
     return dest
 
@@ -472,13 +602,13 @@ def upload_dir(src_dir: str | os.PathLike, uri: str, *, multipart_threshold: int
     s3 = client()
     bucket, prefix = split_s3(uri)
     config = _transfer_config(multipart_threshold)
-    _parallel(lambda rel: _upload(s3, src / rel, bucket, check_key(_join(prefix, rel), uri), config, attempts), files)
+    parallel(lambda rel: _upload(s3, src / rel, bucket, check_key(_join(prefix, rel), uri), config, attempts), files)
     log.info("uploaded %d files from %s to %s", len(files), src, uri)
     return files
 
 
-def _parallel(fn: Callable[[T], None], items: list[T]) -> None:
-    """fn over items on a few threads; after the first error the rest is cancelled and it is raised."""
+def parallel(fn: Callable[[T], None], items: list[T]) -> None:
+    """fn over items on a few threads (THREADS); after the first error the rest is cancelled and it is raised."""
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
         futures = [pool.submit(fn, item) for item in items]
         for f in as_completed(futures):

@@ -93,7 +93,8 @@ RUN = (MLFLOW_RUN_ID, PIPELINE_RUN_ID)
 COMPONENTS = (
     Component(
         "data_prep",
-        "Validate the dataset at data_uri, copy it into the Dataset artifact and decide whether to train.\n\n"
+        "Validate what changed in the dataset at data_uri since the champion's data, keep it in the data store\n"
+        "(the Dataset artifact holds the run's record) and decide whether to train.\n\n"
         "Returns True when the data holds scribbles the champion model was not trained on (or force_train).",
         artifacts=(("prepared", "Output[Dataset]"), ("data_report", "Output[Markdown]"),
                    ("fingerprint", "OutputPath(str)"), ("mlflow_run_id", "OutputPath(str)")),

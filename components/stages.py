@@ -23,7 +23,8 @@ def data_prep(
     cls_gpus: str = "1",
     gpus: str = "1",
 ) -> bool:
-    """Validate the dataset at data_uri, copy it into the Dataset artifact and decide whether to train.
+    """Validate what changed in the dataset at data_uri since the champion's data, keep it in the data store
+    (the Dataset artifact holds the run's record) and decide whether to train.
 
     Returns True when the data holds scribbles the champion model was not trained on (or force_train).
 

@@ -20,14 +20,16 @@ import contextlib
 import html
 import json
 import logging
+import os
 import re
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 
-from cdsp_core import checkpoints, config, modelfolder, prepare, registry, report, telemetry, tracking
+from cdsp_core import checkpoints, config, datastore, modelfolder, prepare, registry, report, telemetry, tracking
 from cdsp_core.credentials import redact
 from cdsp_core.errors import CdspError
 from cdsp_core.fsutil import atomic_write_text
@@ -40,15 +42,33 @@ def data_prep_step(prepared: Dataset, data_report: Markdown, fingerprint: str, m
                    pipeline_run_id: str, data_uri: str, scribble_dir: str, split_dir: str, force_train: bool,
                    cls_gpus: str, gpus: str) -> bool:
     """Prepare the data; True when the training steps should run. `fingerprint` and `mlflow_run_id`
-    are the files kfp reads those two outputs from."""
+    are the files kfp reads those two outputs from.
+
+    The data is compared with the record of the run that trained the champion (in the data store,
+    datastore.py): one listing decides "nothing changed"; otherwise only new or changed files are
+    downloaded, validated and stored. `prepared` holds the run's record (dataset.json), not the files:
+    the later steps check the dataset out of the store.
+    """
     if not data_uri:
         raise CdspError("data_uri is empty: give the dataset root (a local path or s3://bucket/prefix)")
     gpu_count("cls_gpus", cls_gpus), gpu_count("gpus", gpus)  # checked here, before any GPU step is scheduled
-    prom = telemetry.metrics_callback("data_prep", pipeline_run_id or "local")
-    manifest = prepare.prepare(data_uri, prepared.path, scribble_dir=scribble_dir, split_dir=split_dir or None,
-                               copy=True)
-    fp = manifest["fingerprint"]
+    pipeline_run_id = pipeline_run_id or f"local-{uuid.uuid4().hex[:12]}"  # the key of this run's record
+    prom = telemetry.metrics_callback("data_prep", pipeline_run_id)
+    store = os.environ.get(datastore.ENV, "").rstrip("/")
+    if not store:
+        store = f"{prepared.path}/store"
+        log.warning("%s is not set: this run keeps its dataset in its own artifact (%s), not shared with other runs",
+                    datastore.ENV, store)
     champion = registry.champion_info()
+    base = datastore.read_record(store, champion["pipeline_run_id"]) if champion and champion["pipeline_run_id"] \
+        else None
+    if base is not None and base["fingerprint"] != champion["fingerprint"]:
+        log.warning("the store's record of run %s is not the data champion version %s was trained on; not used",
+                    base.get("run"), champion["version"])
+        base = None
+    update = prepare.prepare_to_store(data_uri, store, base, scribble_dir=scribble_dir, split_dir=split_dir or None)
+    record = datastore.write_record(store, pipeline_run_id, update.record)
+    fp, changes, cost = record["fingerprint"], record["changes"], record["cost"]
     new_data = champion is None or champion.get("fingerprint") != fp
     if not new_data and not force_train:
         decision = (f"skip training: champion version {champion['version']} was trained on this very data "
@@ -60,22 +80,50 @@ def data_prep_step(prepared: Dataset, data_report: Markdown, fingerprint: str, m
                                 f"the data differs from champion version {champion['version']}'s")
     log.info("data fingerprint %s; %s", fp, decision)
 
-    run_id = tracking.start_pipeline_run(pipeline_run_id, fingerprint=fp, data_uri=data_uri, decision=decision)
+    counts = {"n_train": record["n_train"], "n_val": record["n_val"],
+              **{f"data_{kind}": sum(map(len, changes[kind].values())) for kind in ("added", "changed", "removed")},
+              **{f"new_scribble_pixels_{tracking.snake(c)}": n for c, n in changes["new_scribble_pixels"].items()},
+              **{f"data_{k}": v for k, v in cost.items()}}
+    run_id = tracking.start_pipeline_run(pipeline_run_id, fingerprint=fp, data_uri=data_uri, decision=decision,
+                                         data_since=changes["since"] or "")
+    tracking.log_dict(changes, "data_changes.json", run_id=run_id)  # on the parent run: what this run brought
+    tracking.log_final_metrics(counts, run_id=run_id)
     with tracking.stage_run(run_id, "data_prep", {"data_uri": data_uri, "scribble_dir": scribble_dir,
                                                   "split_dir": split_dir, "force_train": force_train}):
-        tracking.log_dict(manifest, "manifest.json")
-        counts = {k: v for k, v in manifest.items() if isinstance(v, int) and not isinstance(v, bool)}
+        tracking.log_dict(record, "data_record.json")
+        if update.manifest is not None:
+            tracking.log_dict(update.manifest, "manifest.json")
         tracking.log_final_metrics(counts)
     prom.close()
 
-    prepared.metadata.update({"fingerprint": fp, "new_scribbles": new_data, **counts})
-    lines = ["# Data prep", "", f"- data: `{redact(data_uri)}`", f"- fingerprint: `{fp}`",
-             f"- decision: **{decision}**", *(f"- {k}: {v}" for k, v in counts.items()),
-             *(f"- warning: {w}" for w in manifest.get("warnings", [])[:20])]
-    atomic_write_text(data_report.path, "\n".join(lines) + "\n")
+    atomic_write_text(f"{prepared.path}/{datastore.DATASET}", json.dumps({**record, "store": store}, indent=1) + "\n")
+    prepared.metadata.update({"fingerprint": fp, "new_scribbles": new_data, "store": redact(store),
+                              "manifest": record["manifest"], **counts})
+    atomic_write_text(data_report.path, data_report_text(data_uri, record, decision))
     atomic_write_text(fingerprint, fp)
     atomic_write_text(mlflow_run_id, run_id)
     return new_data or force_train
+
+
+def data_report_text(data_uri: str, record: dict, decision: str) -> str:
+    """The data report (Markdown): the decision, what changed since the champion's data, what it cost."""
+    ch, cost = record["changes"], record["cost"]
+    lines = ["# Data prep", "", f"- data: `{redact(data_uri)}`", f"- fingerprint: `{record['fingerprint']}`",
+             f"- decision: **{decision}**", f"- n_train: {record['n_train']}", f"- n_val: {record['n_val']}",
+             f"- cost: {cost['listed']} files listed, {cost['downloaded']} downloaded ({cost['downloaded_bytes']} "
+             f"bytes), {cost['stored']} new in the data store ({cost['stored_bytes']} bytes)", "",
+             f"## Since the champion's data ({'run ' + ch['since'] if ch['since'] else 'no champion record'})", ""]
+    for kind in ("added", "changed", "removed"):
+        for split, ids in ch[kind].items():
+            shown = ", ".join(ids[:50]) + (f" and {len(ids) - 50} more" if len(ids) > 50 else "")
+            lines.append(f"- {kind} ({split}, {len(ids)}): {shown}")
+    if not any(ch[kind] for kind in ("added", "changed", "removed")):
+        lines.append("- nothing added, changed or removed")
+    if ch["new_scribble_pixels"]:
+        lines.append("- new scribble pixels (train): " + ", ".join(f"{c} {n:+d}" for c, n in
+                                                                   ch["new_scribble_pixels"].items()))
+    lines += [f"- warning: {w}" for w in record.get("warnings", [])[:20]]
+    return "\n".join(lines) + "\n"
 
 
 def train_classifier_step(prepared: Dataset, classifier: Model, classifier_metrics: Metrics, *, mlflow_run_id: str,
@@ -92,13 +140,14 @@ def train_classifier_step(prepared: Dataset, classifier: Model, classifier_metri
     from cdsp_core import train
 
     params = {**config.to_dict(cfg), "device": device, "seed": seed, "cls_gpus": gpu_count("cls_gpus", cls_gpus)}
-    # A retried pod resumes from the checkpoint mirrored under this pipeline run (cdsp_core/checkpoints.py).
-    mirror = checkpoints.for_stage(pipeline_run_id, "train_classifier", params, data_dir=prepared.path)
-    resume = mirror.restore(classifier.path)
-    with stage_run(mlflow_run_id, pipeline_run_id, "train_classifier", params) as on_metrics:
-        summary = train.train_classifier(prepared.path, classifier.path, cfg, device=device, seed=seed, resume=resume,
-                                         on_metrics=on_metrics, on_checkpoint=mirror.upload)
-        tracking.log_final_metrics(summary)
+    with datastore.checked_out(prepared.path) as data_dir:
+        # A retried pod resumes from the checkpoint mirrored under this pipeline run (cdsp_core/checkpoints.py).
+        mirror = checkpoints.for_stage(pipeline_run_id, "train_classifier", params, data_dir=data_dir)
+        resume = mirror.restore(classifier.path)
+        with stage_run(mlflow_run_id, pipeline_run_id, "train_classifier", params) as on_metrics:
+            summary = train.train_classifier(data_dir, classifier.path, cfg, device=device, seed=seed, resume=resume,
+                                             on_metrics=on_metrics, on_checkpoint=mirror.upload)
+            tracking.log_final_metrics(summary)
     mirror.clear()
     kfp_metrics(classifier_metrics, summary)
     classifier.metadata.update({"trained": True, "backbone": cfg.cls_backbone})
@@ -111,8 +160,9 @@ def pseudo_label_step(prepared: Dataset, classifier: Model, pseudo_labels: Datas
 
     params = {**config.to_dict(cfg), "external_pseudo_uri": external_pseudo_uri, "device": device,
               "cls_gpus": gpu_count("cls_gpus", cls_gpus)}
-    with stage_run(mlflow_run_id, pipeline_run_id, "pseudo_label", params):
-        summary = pseudolabel.pseudo_label(prepared.path, pseudo_labels.path, cfg, device=device,
+    with stage_run(mlflow_run_id, pipeline_run_id, "pseudo_label", params), \
+            datastore.checked_out(prepared.path) as data_dir:
+        summary = pseudolabel.pseudo_label(data_dir, pseudo_labels.path, cfg, device=device,
                                            classifier_dir=None if external_pseudo_uri else classifier.path,
                                            external_pseudo=external_pseudo_uri or None)
         tracking.log_final_metrics(summary)
@@ -124,14 +174,15 @@ def train_segmenter_step(prepared: Dataset, pseudo_labels: Dataset, model: Model
     """Train, then register the model in MLflow; the registered version."""
     n_gpus = gpu_count("gpus", gpus)
     params = {**config.to_dict(cfg), "gpus": n_gpus}
-    # A retried pod resumes from the checkpoint mirrored under this pipeline run (cdsp_core/checkpoints.py).
-    mirror = checkpoints.for_stage(pipeline_run_id, "train_segmenter", params, data_dir=prepared.path)
-    resume = mirror.restore(model.path)
-    with stage_run(mlflow_run_id, pipeline_run_id, "train_segmenter", params) as on_metrics:
-        summary = fit_segmenter(prepared.path, pseudo_labels.path, model.path, cfg, n_gpus=n_gpus, resume=resume,
-                                mirror=mirror, on_metrics=on_metrics)
-        version = registry.log_segmenter(model.path)
-        tracking.log_final_metrics(summary)
+    with datastore.checked_out(prepared.path) as data_dir:
+        # A retried pod resumes from the checkpoint mirrored under this pipeline run (cdsp_core/checkpoints.py).
+        mirror = checkpoints.for_stage(pipeline_run_id, "train_segmenter", params, data_dir=data_dir)
+        resume = mirror.restore(model.path)
+        with stage_run(mlflow_run_id, pipeline_run_id, "train_segmenter", params) as on_metrics:
+            summary = fit_segmenter(data_dir, pseudo_labels.path, model.path, cfg, n_gpus=n_gpus, resume=resume,
+                                    mirror=mirror, on_metrics=on_metrics)
+            version = registry.log_segmenter(model.path)
+            tracking.log_final_metrics(summary)
     mirror.clear()  # only now: a retry after training but before registration resumes at the last epoch
     kfp_metrics(train_metrics, summary)
     model.metadata.update({"segmenter": cfg.segmenter, "backbone": cfg.backbone, "mlflow_model_version": version})
@@ -162,16 +213,17 @@ def evaluate_step(prepared: Dataset, model: Model, metrics: Metrics, report: HTM
     """Evaluate on val and promote the model to champion if it beats the champion; True when promoted."""
     from cdsp_core import evaluate
 
-    manifest = json.loads((Path(prepared.path) / "manifest.json").read_text(encoding="utf-8"))
-    val_split = registry.val_split_id(manifest)
     params = {**config.to_dict(cfg), "device": device, "cls_gpus": gpu_count("cls_gpus", cls_gpus)}
-    with stage_run(mlflow_run_id, pipeline_run_id, "evaluate", params):
-        result = evaluate.evaluate(prepared.path, model.path, evaluation.path, cfg, split="val", device=device)
+    with stage_run(mlflow_run_id, pipeline_run_id, "evaluate", params), \
+            datastore.checked_out(prepared.path) as data_dir:
+        manifest = json.loads((Path(data_dir) / "manifest.json").read_text(encoding="utf-8"))
+        val_split = registry.val_split_id(manifest)
+        result = evaluate.evaluate(data_dir, model.path, evaluation.path, cfg, split="val", device=device)
         tracking.log_evaluation(evaluation.path)
         champion = registry.champion_info()
         champion_miou = None
         if champion and champion["val_split"] != val_split and champion["version"] != model_version:
-            champion_miou = champion_miou_on(prepared.path, champion["uri"], cfg, device)
+            champion_miou = champion_miou_on(data_dir, champion["uri"], cfg, device)
         decision = registry.promote_if_better(model_version, result["miou"], val_split=val_split,
                                               fingerprint=fingerprint, champion_miou=champion_miou,
                                               veto=evaluate.promotion_veto(result))

@@ -146,6 +146,13 @@ def mirror_checkpoints(task: dsl.PipelineTask, cluster: config.ClusterConfig) ->
     return task.set_env_variable(checkpoints.ENV, checkpoints.root_for(cluster.pipeline_root, cluster.checkpoint_root))
 
 
+def keep_data_in_store(task: dsl.PipelineTask, cluster: config.ClusterConfig) -> dsl.PipelineTask:
+    """Tell data prep where the data store is (cdsp_core/datastore.py); the later steps read it from its record."""
+    from cdsp_core import datastore
+
+    return task.set_env_variable(datastore.ENV, datastore.root_for(cluster.pipeline_root, cluster.data_store))
+
+
 def build_pipeline(cluster: config.ClusterConfig | None = None):
     """The pipeline (a kfp GraphComponent) for these cluster settings."""
     out_of_date = [str(path.relative_to(generate.REPO)) for path in generate.stale()]
@@ -171,6 +178,7 @@ def build_pipeline(cluster: config.ClusterConfig | None = None):
         run = dict(pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         # Never cached: the data under data_uri may change while the URI stays the same.
         prep = step(stages.data_prep, "data-prep", cache=False, **run)
+        keep_data_in_store(prep, cluster)
         prepared = prep.outputs["prepared"]
         run["mlflow_run_id"] = prep.outputs["mlflow_run_id"]
 

@@ -126,6 +126,8 @@ def run(arguments: dict, out_dir: str | os.PathLike) -> dict:
         cluster = dataclasses.replace(cluster, retries=0)
     if not cluster.checkpoint_root:  # the local runner keeps its runs in `root`, not under cluster.pipeline_root
         cluster = dataclasses.replace(cluster, checkpoint_root=str(root / "checkpoints"))
+    if not cluster.data_store:  # likewise the data store, shared by the runs in `root`
+        cluster = dataclasses.replace(cluster, data_store=str(root / "datastore"))
     pipeline = build_pipeline(cluster)
     steps = StepErrors(sys.stdout)
     with warnings.catch_warnings(), contextlib.redirect_stdout(steps), one_thread_when_busy():

@@ -159,6 +159,17 @@ def test_training_steps_know_where_to_mirror_their_checkpoints(compiled, tmp_pat
     assert {"name": "CDSP_CHECKPOINT_ROOT", "value": "s3://ckpt-bucket/cdsp"} in seg_env
 
 
+def test_data_prep_knows_the_data_store_and_only_it(compiled):
+    _, _, ir = compiled
+    executors = ir["deploymentSpec"]["executors"]
+    envs = {name.removeprefix("exec-"): {e["name"]: e["value"] for e in ex["container"].get("env", [])}
+            for name, ex in executors.items()}
+    # default: <pipeline_root>/datastore; the later steps read the store from data prep's record
+    assert envs["data-prep"]["CDSP_DATA_STORE"] == "s3://test-bucket/kfp-root/datastore"
+    assert [task for task, env in envs.items() if "CDSP_DATA_STORE" in env] == ["data-prep"]
+    assert cdsp_pipeline.cluster_settings({"CDSP_DATA_STORE": "s3://data/store"}).data_store == "s3://data/store"
+
+
 # ---------------------------------------------------------------------------- GPUs as KFP's driver applies them
 
 # KFP's driver makes `resources.accelerator.resourceCount` ("{{$.inputs.parameters['<name>']}}")

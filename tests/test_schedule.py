@@ -3,10 +3,13 @@
 One story, three pipeline runs of the very DAG that `make pipeline` compiles:
 A. data on s3:// (moto's server), no champion yet: the whole DAG runs and the model becomes champion;
 B. the same data again (what a recurring run does): the KFP condition skips training and says so;
-C. new scribbles in the bucket and a changed val split: it trains again (with external
+C. new scribbles in the bucket (more strokes on one image, and a new image scribbled in CVAT, its
+   export converted by `convert-scribbles`) and a changed val split: data prep reads exactly what
+   changed since the champion's data and says so, it trains again (with external
    pseudo-labels, also on s3://), re-evaluates the champion on the new val split and promotes the
    new model only if its mIoU beats the champion's there (these steps run in-process, see below).
-MLflow is a real SQLite database, telemetry goes to a real Pushgateway.
+Then `cdsp suggest` names the next images to scribble. MLflow is a real SQLite database, telemetry
+goes to a real Pushgateway.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import pytest
 import torch
 from kfp import dsl
 from PIL import Image
+from test_annotations import cvat_xml, polyline
 
-from cdsp_core import config, registry, storage, synth, tracking
+from cdsp_core import cli, config, datastore, registry, storage, synth, tracking
 from components import stages
 from pipelines import local_run
+from pipelines.cdsp_pipeline import PIPELINE_NAME
 
 # Tiny settings: 8 train / 4 val images of 32 px, one epoch of each stage, ResNet-18.
 TINY = {"cls_backbone": "resnet18", "cls_epochs": 1, "cls_batch_size": 8, "cls_crop_size": 32, "cls_workers": 0,
@@ -105,8 +110,12 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
     assert set(a["metrics"]["per_class_iou"]) <= set(synth.CLASSES)
     assert "| background |" in a["report"]
     prepared = run_a / "data-prep" / "prepared"
-    assert json.loads((prepared / "manifest.json").read_text())["n_train"] == 8
-    assert (prepared / "JPEGImages").is_dir()  # the s3:// data was copied into the Dataset artifact
+    record = json.loads((prepared / datastore.DATASET).read_text())
+    assert record["n_train"] == 8 and record["cost"]["downloaded"] == record["cost"]["listed"] - 1  # not synth.json
+    assert sorted(p.name for p in prepared.iterdir()) == [datastore.DATASET]  # the files are in the data store
+    store = tmp_path / "out" / "runs" / "datastore"
+    assert record["store"] == str(store) and datastore.read_record(str(store), record["run"])["manifest"] == \
+        record["manifest"]
     for step in ("train-classifier/classifier", "train-segmenter/model"):
         assert (run_a / step / "model.pt").is_file(), step
     html = (run_a / "evaluate" / "report").read_text()
@@ -133,9 +142,12 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
                            *cli_flags(TINY)]) == 0
     printed = capsys.readouterr().out
     assert "Training skipped" in printed and a["fingerprint"][:16] in printed
-    run_b = max((tmp_path / "out" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    run_b = max((p for p in (tmp_path / "out" / "runs").iterdir() if p.name.startswith(PIPELINE_NAME)),
+                key=lambda p: p.stat().st_mtime)
     assert run_b != run_a and sorted(p.name for p in run_b.iterdir()) == ["data-prep"]
-    assert "skip training" in (run_b / "data-prep" / "data_report").read_text()
+    report_b = (run_b / "data-prep" / "data_report").read_text()
+    assert "skip training" in report_b and "0 downloaded" in report_b
+    assert "nothing added, changed or removed" in report_b
     assert registry.champion_info()["version"] == champion["version"]
 
     # C. new scribbles, and a val split that changed too: it trains again, with pseudo-labels from
@@ -148,12 +160,30 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
     val_ids = (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
     s3.put_object(Bucket=bucket, Key="voc/ImageSets/Segmentation/val.txt",
                   Body=("\n".join(val_ids[:-1]) + "\n").encode())
+    # and a new image, scribbled in CVAT: its "CVAT for images 1.1" export converted and uploaded
+    new_class = synth.CLASSES[1]
+    export = tmp_path / "cvat" / "annotations.xml"
+    export.parent.mkdir()
+    export.write_text(cvat_xml([("extra_00000.jpg", (32, 32), [polyline(new_class, "2,2;29,2;29,29"),
+                                                                polyline("background", "2,29;20,29")])]))
+    assert cli.main(["convert-scribbles", "--format", "cvat", "--export", str(export), "--out",
+                     str(tmp_path / "cvat" / "png"), "--classes", str(data / "classes.txt")]) == 0
+    cvat_png = tmp_path / "cvat" / "png" / "extra_00000.png"
+    added += int((np.array(Image.open(cvat_png)) != 255).sum())
+    s3.upload_file(str(data / "JPEGImages" / "train_00001.jpg"), bucket, "voc/JPEGImages/extra_00000.jpg")
+    s3.upload_file(str(cvat_png), bucket, "voc/pascal_2012_scribble/extra_00000.png")
+    train_ids = (data / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    s3.put_object(Bucket=bucket, Key="voc/ImageSets/Segmentation/train.txt",
+                  Body=("\n".join([*train_ids, "extra_00000"]) + "\n").encode())
     storage.upload_dir(run_a / "pseudo-label" / "pseudo_labels", f"s3://{bucket}/external-pseudo")
+    s3.upload_file(str(run_a / "pseudo-label" / "pseudo_labels" / "train_00001.png"), bucket,
+                   "external-pseudo/extra_00000.png")
     args_c = {**args, "external_pseudo_uri": f"s3://{bucket}/external-pseudo"}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the local run does on a busy machine (OpenMP threads spin)
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     out = tmp_path / "c"
+    monkeypatch.setenv(datastore.ENV, str(store))  # what the compiled pipeline sets for data prep
     prepared = dsl.Dataset(uri=str(out / "prepared"), metadata={})
     assert call(stages.data_prep, args_c, prepared=prepared, data_report=dsl.Markdown(uri=str(out / "report.md")),
                 fingerprint=str(out / "fingerprint"), mlflow_run_id=str(out / "run_id"),
@@ -161,6 +191,20 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
     fingerprint = (out / "fingerprint").read_text()
     assert fingerprint not in (a["fingerprint"], "")
     run = {"mlflow_run_id": (out / "run_id").read_text(), "pipeline_run_id": "schedule-c"}
+    # only what changed since the champion's data was read, and the report and MLflow say what it was
+    changes = {"since": record["run"], "added": {"train": ["extra_00000"]}, "changed": {"train": ["train_00000"]},
+               "removed": {"val": [val_ids[-1]]}}
+    record_c = json.loads((out / "prepared" / datastore.DATASET).read_text())
+    assert {k: record_c["changes"][k] for k in changes} == changes
+    assert sum(record_c["changes"]["new_scribble_pixels"].values()) == added
+    assert record_c["cost"]["downloaded"] == 6  # classes.txt, the two lists, the two new scribbles, the new image
+    report_c = (out / "report.md").read_text()
+    assert "- changed (train, 1): train_00000" in report_c and f"- removed (val, 1): {val_ids[-1]}" in report_c
+    parent_c = _client().get_run(run["mlflow_run_id"])
+    assert parent_c.data.metrics["data_changed"] == 1 and parent_c.data.metrics["data_removed"] == 1
+    logged = json.loads(Path(_client().download_artifacts(run["mlflow_run_id"], "data_changes.json",
+                                                          str(tmp_path))).read_text())
+    assert logged == record_c["changes"]
     classifier = dsl.Model(uri=str(out / "classifier"), metadata={})
     call(stages.train_classifier, args_c, prepared=prepared, classifier=classifier,
          classifier_metrics=dsl.Metrics(uri=str(out / "m1")), **run)
@@ -187,3 +231,9 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
     assert now["version"] == (version if promoted else champion["version"])
     assert now["fingerprint"] == (fingerprint if promoted else a["fingerprint"])
     assert set(mlflow_children(run["mlflow_run_id"])) == STAGES - {"train_classifier"}
+
+    # what to scribble next: the model ranks the bucket's images by its uncertainty
+    assert cli.main(["suggest", "--model", str(out / "model"), "--images", f"s3://{bucket}/voc/JPEGImages",
+                     "--out", str(tmp_path / "next.csv"), "--n", "3", "--device", "cpu"]) == 0
+    ranked = (tmp_path / "next.csv").read_text().splitlines()
+    assert len(ranked) == 4 and all(".jpg" in line for line in ranked[1:])
