@@ -19,7 +19,7 @@ def test_pipeline_arguments_are_every_parameter_preset_under_explicit_values():
     assert list(args) == list(cdsp)
     assert args["epochs"] == 3 and args["l_lorm"] == 0.0 and args["data_uri"] == "/d"  # explicit values win
     assert args["backbone"] == config.PRESETS["cpu"]["backbone"]  # None is "unset": the preset's value
-    assert args["lambda_s"] == config.PseudoLabelConfig().lambda_s  # neither: the default
+    assert args["label_smoothing"] == config.SegTrainConfig().label_smoothing  # neither: the default
     paper = local_run.pipeline_arguments("paper", {})
     assert paper == {name: p.default for name, p in cdsp.items()}
 

@@ -176,8 +176,9 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
     s3.put_object(Bucket=bucket, Key="voc/ImageSets/Segmentation/train.txt",
                   Body=("\n".join([*train_ids, "extra_00000"]) + "\n").encode())
     storage.upload_dir(run_a / "pseudo-label" / "pseudo_labels", f"s3://{bucket}/external-pseudo")
-    s3.upload_file(str(run_a / "pseudo-label" / "pseudo_labels" / "train_00001.png"), bucket,
-                   "external-pseudo/extra_00000.png")
+    for maps in ("pseudo_labels", "distance_scribble", "distance_boundary"):  # the new image's, borrowed
+        s3.upload_file(str(run_a / "pseudo-label" / "pseudo_labels" / maps / "train_00001.png"), bucket,
+                       f"external-pseudo/{maps}/extra_00000.png")
     args_c = {**args, "external_pseudo_uri": f"s3://{bucket}/external-pseudo"}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the local run does on a busy machine (OpenMP threads spin)
