@@ -32,7 +32,7 @@ from pathlib import Path
 
 from cdsp_core import data, storage
 from cdsp_core.errors import CdspError
-from cdsp_core.fsutil import atomic_dir, atomic_write_text
+from cdsp_core.fsutil import atomic_dir, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def checkout(dataset: dict, dest: str | os.PathLike) -> Path:
             rel, (sha, _size, _version) = item
             target = tmp / storage.check_key(rel, f"manifest {dataset['manifest']}")
             storage.download_file(_join(store, object_key(sha)), target)
-            if _sha256(target) != sha:  # the store was tampered with or corrupted: never train on it
+            if sha256_file(target) != sha:  # the store was tampered with or corrupted: never train on it
                 raise CdspError(f"{_join(store, object_key(sha))}: its bytes do not match their SHA-256 "
                                 f"(the file {rel} of {dataset['manifest']})")
 
@@ -158,14 +158,6 @@ def write_layout(root: Path, manifest: dict) -> None:
             (lists / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
     (root / "classes.txt").write_text("".join(f"{c}\n" for c in manifest["classes"]), encoding="utf-8")
     atomic_write_text(root / data.MANIFEST, json.dumps({**manifest, "copied": True}, indent=1) + "\n")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -88,3 +89,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             raise CdspError(str(e).replace(str(tmp), str(path))) from e
         _raise_if_disk_full(path, e)
         raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ import numpy as np
 from cdsp_core import config, data, datastore, storage
 from cdsp_core.data import IGNORE, Item
 from cdsp_core.errors import CdspError
-from cdsp_core.fsutil import atomic_write_text
+from cdsp_core.fsutil import atomic_write_text, sha256_file
 from cdsp_core.progress import progress
 
 log = logging.getLogger(__name__)
@@ -43,14 +42,6 @@ SCHEMA = "cdsp-manifest-v1"
 # download). Pillow's pixel limit (about 89 Mpx) is checked only once a file is here; this keeps a
 # huge object from filling the disk first. 256 MiB holds an uncompressed RGB image at that limit.
 MAX_OBJECT_BYTES = 256 * 1024 * 1024
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fingerprint(images: list[dict]) -> str:

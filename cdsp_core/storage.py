@@ -313,24 +313,10 @@ def delete(uri: str, *, attempts: int = TRANSFER_ATTEMPTS) -> bool:
             return False
         path.unlink()
         return True
-    from botocore.exceptions import ClientError
-
-    s3 = client()
-    bucket, key = split_s3(uri)
-    check_key(key, uri)
-
-    def head() -> bool:
-        try:
-            s3.head_object(Bucket=bucket, Key=key)
-            return True
-        except ClientError as e:
-            if _status(e) == 404:
-                return False
-            raise
-
-    if not _with_retries(uri, head, attempts):
+    if not is_file(uri, attempts=attempts):
         return False
-    _with_retries(uri, lambda: s3.delete_object(Bucket=bucket, Key=key), attempts)
+    bucket, key = split_s3(uri)
+    _with_retries(uri, lambda: client().delete_object(Bucket=bucket, Key=key), attempts)
     return True
 
 

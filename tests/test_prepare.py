@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from tiny_data import REPO, bomb_png, leftovers, tiny_dataset, write_label
 
-from cdsp_core import cli, data, prepare, storage
+from cdsp_core import cli, data, fsutil, prepare, storage
 from cdsp_core.errors import CdspError
 
 
@@ -38,7 +38,7 @@ def test_manifest_schema(root, tmp_path):
         assert im["labels"] == data.image_labels(scribble, 6) and im["labels"]
         assert im["scribble_fraction"] == pytest.approx((scribble != 255).mean(), abs=1e-6)
         assert (im["width"], im["height"]) == (40, 40)
-        assert im["sha256"]["image"] == prepare.sha256_file(root / "JPEGImages" / f"{im['id']}.jpg")
+        assert im["sha256"]["image"] == fsutil.sha256_file(root / "JPEGImages" / f"{im['id']}.jpg")
         assert set(im["sha256"]) == {"image", "scribble", "gt"}
 
 
