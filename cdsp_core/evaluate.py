@@ -311,6 +311,17 @@ def image_files(images: str) -> tuple[Path, list[Path]]:
     return folder, files
 
 
+def read_input_image(path: Path, folder: Path, images: str) -> np.ndarray:
+    """One image of `image_files(images)`; an error names the object the user gave (an s3:// URI),
+    not its copy in our download folder."""
+    try:
+        return data.read_image(path)
+    except CdspError as e:
+        if "://" not in images:
+            raise
+        raise CdspError(str(e).replace(str(folder), images.rstrip("/"))) from e
+
+
 def predict(model_dir: str, images: str, out_dir: str, *, device: str = "auto",
             cfg: EvalConfig | None = None) -> list[str]:
     """Label PNGs (`labels/<name>.png`, mode P, VOC palette) and overlays for a folder or URI of images."""
@@ -322,13 +333,7 @@ def predict(model_dir: str, images: str, out_dir: str, *, device: str = "auto",
     names = []
     with data.new_output_dir(out_dir, "predictions.json") as tmp:
         for path in progress(files, "predict"):
-            try:
-                image = data.read_image(path)
-            except CdspError as e:
-                if "://" not in images:
-                    raise
-                # name the object the user knows, not its copy in our download folder
-                raise CdspError(str(e).replace(str(folder), images.rstrip("/"))) from e
+            image = read_input_image(path, folder, images)
             x = to_normalized_tensor(Image.fromarray(image)).to(dev)
             pred = segment(model, x, scales, cfg.multi_scale, cfg.eval_tile).to("cpu", torch.uint8).numpy()
             name = path.stem + ".png"

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cdsp_core import config, data, evaluate, losses
+from cdsp_core import config, evaluate, losses
 from cdsp_core.config import EvalConfig, SegTrainConfig
 from cdsp_core.errors import CdspError
 from cdsp_core.fsutil import atomic_write_text
@@ -72,12 +72,7 @@ def rank_images(model_uri: str, images: str, *, score: str = "margin", low_margi
     model, _ = evaluate.load_model(model_uri, dev, kind="segmenter")
     rows = []
     for path in progress(files, "suggest"):
-        try:
-            image = data.read_image(path)
-        except CdspError as e:
-            if "://" not in images:
-                raise
-            raise CdspError(str(e).replace(str(folder), images.rstrip("/"))) from e  # the object, not our copy
+        image = evaluate.read_input_image(path, folder, images)
         x = to_normalized_tensor(Image.fromarray(image)).to(dev)[None].contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             probs = evaluate.probabilities(model, x, tile)
