@@ -1,6 +1,7 @@
 """What a scheduled data prep costs on a loopback S3 (moto's server): today's full copy against the data store.
 
-    .venv/bin/python benchmarks/bench_schedule.py [--sizes 1000,10000] [--size 32] [--changed 0.01] [--json FILE]
+    .venv/bin/python benchmarks/bench_schedule.py [--sizes 1000,10000] [--full-max N] [--today-max N]
+        [--size 32] [--changed 0.01] [--json FILE]
 
 For each dataset size (images; 80 % train, 20 % val, each with its image, scribble and ground
 truth, so about 3 objects per image) on a fresh bucket:
@@ -82,10 +83,11 @@ def upload_replicated(s3, bucket: str, root: Path, n_images: int) -> None:
                                               else kv[1].read_bytes()), puts)
 
 
-def bench_size(server, n_images: int, size: int, changed: float, tmp: Path, full: bool) -> dict:
+def bench_size(server, n_images: int, size: int, changed: float, tmp: Path, full: bool, today: bool) -> dict:
     """The figures for one dataset size; `full`: also today's full copy, the first run and a changed run,
     else (for sizes too slow for that on a loaded machine) the listing and the unchanged run only,
-    against a record made from the listing (what the first run would have written)."""
+    against a record made from the listing (what the first run would have written), and with
+    `today` today's full copy as well."""
     s3 = server.client()
     bucket = server.new_bucket(f"bench{n_images}")
     n_train = int(n_images * 0.8)
@@ -105,6 +107,8 @@ def bench_size(server, n_images: int, size: int, changed: float, tmp: Path, full
         a = {"schema": datastore.RECORD_SCHEMA, "run": "run-a", "listing": digest, "fingerprint": "-"}
         r["unchanged_s"], same = timed(lambda: prepare.prepare_to_store(data_uri, store, a))
         assert same.manifest is None and same.record["cost"]["downloaded"] == 0
+        if today:
+            r["today_s"], _ = timed(lambda: prepare.prepare(data_uri, str(tmp / f"today{n_images}"), copy=True))
         return r
     r["today_s"], _ = timed(lambda: prepare.prepare(data_uri, str(tmp / f"today{n_images}"), copy=True))
     r["today_copy_bytes"] = sum(p.stat().st_size for p in (tmp / f"today{n_images}").rglob("*") if p.is_file())
@@ -154,6 +158,8 @@ def main() -> int:
     parser.add_argument("--changed", type=float, default=0.01, help="share of training scribbles changed")
     parser.add_argument("--full-max", type=int, default=10000,
                         help="sizes above this: the listing and the unchanged run only")
+    parser.add_argument("--today-max", type=int, default=0,
+                        help="sizes above --full-max up to this: also today's full copy")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     rows = []
@@ -161,7 +167,8 @@ def main() -> int:
         for k, v in server.env().items():
             os.environ[k] = v
         for n in (int(s) for s in args.sizes.split(",")):
-            r = bench_size(server, n, args.size, args.changed, Path(tmp), full=n <= args.full_max)
+            r = bench_size(server, n, args.size, args.changed, Path(tmp), full=n <= args.full_max,
+                           today=n <= args.today_max)
             if r["full"]:
                 r["year"] = year_of_weekly_runs(r)
             rows.append(r)
@@ -173,8 +180,10 @@ def main() -> int:
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         if not r["full"]:
-            print(f"| {r['images']} | {r['objects']} | {mb(r['data_bytes'])} | {r['listing_s']:.2f} s | - | - | "
-                  f"{r['unchanged_s']:.2f} s | - | - |")
+            today = f"{r['today_s']:.1f} s" if "today_s" in r else "-"
+            ratio = f"{r['today_s'] / r['unchanged_s']:.0f}x" if "today_s" in r else "-"
+            print(f"| {r['images']} | {r['objects']} | {mb(r['data_bytes'])} | {r['listing_s']:.2f} s | {today} | - | "
+                  f"{r['unchanged_s']:.2f} s | - | {ratio} |")
             continue
         print(f"| {r['images']} | {r['objects']} | {mb(r['data_bytes'])} | {r['listing_s']:.2f} s | "
               f"{r['today_s']:.1f} s | {r['first_s']:.1f} s | {r['unchanged_s']:.2f} s | "
