@@ -12,6 +12,7 @@ from PIL import Image
 from cdsp_core import cli, data, evaluate, modelfolder, synth
 from cdsp_core.config import EvalConfig
 from cdsp_core.errors import CdspError
+from cdsp_core.transforms import to_normalized_tensor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -130,6 +131,32 @@ def test_tiled_prediction_covers_the_image_and_matches_whole_image_where_one_til
     assert evaluate.segment(model, image, tile=70).equal(whole)
     tiled = evaluate.segment(model, image, tile=32)
     assert tiled.shape == (50, 70) and tiled.min() >= 0 and tiled.max() < 6
+
+
+def test_a_batch_is_segmented_as_its_images_one_by_one(tiny):
+    # predictions() batches images of one size; each map must be what the image alone gives
+    # (up to float reordering in a batched convolution), in every inference mode.
+    model, _ = evaluate.load_model(str(tiny / "model"))
+    batch = torch.randn(5, 3, 40, 56)
+    for kw in ({}, {"scales": (0.75, 1.0), "flip": True}, {"tile": 32}):
+        together = evaluate.segment(model, batch, **kw)
+        alone = torch.stack([evaluate.segment(model, image, **kw) for image in batch])
+        assert together.shape == (5, 40, 56)
+        assert (together == alone).float().mean() > 0.999, kw
+
+
+def test_predictions_keep_the_order_of_images_of_mixed_sizes(tiny, tmp_path, monkeypatch):
+    model, _ = evaluate.load_model(str(tiny / "model"))
+    synth.make_dataset(tmp_path / "small", n_train=1, n_val=2, size=32, seed=2)
+    big, small = (data.load_index(root).splits["val"] for root in (tiny / "data", tmp_path / "small"))
+    items = [big[0], big[1], small[0], big[2], small[1]]  # 40, 40, 32, 40, 32 px
+    monkeypatch.setattr(evaluate, "PREDICT_BATCH", 2)  # several batches from the few val images
+    out = list(evaluate.predictions(model, items, torch.device("cpu"), show=False))
+    assert [item.id for item, *_ in out] == [item.id for item in items]
+    for item, image, gt, pred in out:
+        alone = evaluate.segment(model, to_normalized_tensor(Image.fromarray(image))).numpy()
+        assert pred.shape == gt.shape == image.shape[:2]
+        assert (pred == alone).mean() > 0.999, item.id
 
 
 def test_predict_images_of_any_size(tiny, tmp_path):
