@@ -110,7 +110,7 @@ class EvalConfig:
 
     multi_scale: bool = opt(False, "multi-scale + flip inference")
     eval_scales: str = opt("0.5,0.75,1.0,1.25,1.5", "scales for multi-scale inference")
-    n_overlays: int = opt(4, "colour overlays (image | ground truth | prediction) to write")
+    n_overlays: int = opt(4, "colour overlays to write (image | scribbles | ground truth | prediction, with a legend)")
     eval_tile: int = opt(1024, "images larger than this (either side) are predicted in overlapping tiles (0: whole)")
 
 

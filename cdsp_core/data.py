@@ -56,6 +56,12 @@ def voc_palette() -> list[int]:
     return palette
 
 
+def class_colours(n: int) -> list[tuple[int, int, int]]:
+    """The RGB colours of classes 0..n−1 in the VOC palette (how label PNGs and overlays paint them)."""
+    p = voc_palette()
+    return [(p[3 * i], p[3 * i + 1], p[3 * i + 2]) for i in range(n)]
+
+
 # ---------------------------------------------------------------------------------------
 # Which files a dataset root holds
 

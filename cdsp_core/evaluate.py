@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from cdsp_core import config, data, modelfolder, report
@@ -74,7 +74,8 @@ class ConfusionMatrix:
 
     def summary(self, class_names: Sequence[str]) -> dict:
         """`miou`, `pixel_acc`, `per_class_iou` {name: iou} (present classes), `confusion_matrix`,
-        `predicted_classes` (the names predicted on at least one pixel) and `warnings`."""
+        `class_names` (its rows and columns: every class, absent ones too), `predicted_classes` (the
+        names predicted on at least one pixel) and `warnings`."""
         acc_global, _, iu = self.compute()
         predicted = [name for name, n in zip(class_names, self.mat.sum(0).tolist()) if n]
         never = [name for name, gt, pred in zip(class_names, self.mat.sum(1).tolist(), self.mat.sum(0).tolist())
@@ -89,6 +90,7 @@ class ConfusionMatrix:
             "pixel_acc": float(acc_global) if self.mat.sum() else 0.0,
             "per_class_iou": {name: float(v) for name, v in zip(class_names, iu.tolist()) if not np.isnan(v)},
             "confusion_matrix": self.mat.tolist(),
+            "class_names": list(class_names),
             "predicted_classes": predicted,
             "warnings": warnings,
         }
@@ -214,15 +216,21 @@ def predictions(model: nn.Module, items: Sequence[data.Item], device: torch.devi
 
     for item in progress(items, desc, total=len(items), enabled=show):
         image = data.read_image(item.image)
-        gt = data.read_label(item.gt)
-        if gt.shape != image.shape[:2]:
-            raise CdspError(f"{item.gt}: size {gt.shape[1]}x{gt.shape[0]} differs from its image {item.image} "
-                            f"({image.shape[1]}x{image.shape[0]})")
+        gt = label_of(item.gt, image, item.image)
         if pending and (len(pending) == PREDICT_BATCH or pending[0][1].shape != image.shape):
             yield from flush()
         pending.append((item, image, gt))
     if pending:
         yield from flush()
+
+
+def label_of(path: Path, image: np.ndarray, image_path: Path) -> np.ndarray:
+    """The label map (ground truth, scribbles) at `path` of an image; an error when their sizes differ."""
+    label = data.read_label(path)
+    if label.shape != image.shape[:2]:
+        raise CdspError(f"{path}: size {label.shape[1]}x{label.shape[0]} differs from its image {image_path} "
+                        f"({image.shape[1]}x{image.shape[0]})")
+    return label
 
 
 def confusion_on(model: nn.Module, items: Sequence[data.Item], n_classes: int, device: torch.device, *,
@@ -239,6 +247,11 @@ def confusion_on(model: nn.Module, items: Sequence[data.Item], n_classes: int, d
 
 # ---------------------------------------------------------------------------- pictures
 
+MIN_PANEL = 256  # px: a panel's longer side at least this (small images are upscaled, nearest-neighbour)
+PANEL_GAP = 6  # px of white between panels
+FONT_SIZE = 16
+TITLE_H = FONT_SIZE + 10  # px: the strip above each panel that names it
+
 
 def colorize(label: np.ndarray) -> Image.Image:
     """A label map in the VOC palette (255 = the palette's light grey)."""
@@ -247,14 +260,57 @@ def colorize(label: np.ndarray) -> Image.Image:
     return im
 
 
-def overlay(image: np.ndarray, *labels: np.ndarray, alpha: float = 0.6) -> Image.Image:
-    """image | label 1 | label 2 ... side by side, each label blended over the image."""
+def overlay(image: np.ndarray, class_names: Sequence[str], *, scribbles: np.ndarray | None = None,
+            gt: np.ndarray | None = None, pred: np.ndarray | None = None, alpha: float = 0.6) -> Image.Image:
+    """image | scribbles | ground truth | prediction (those given) side by side, each panel titled, over a
+    legend of the classes' colours.
+
+    Ground truth and prediction are blended over the image in grey; scribbles are painted opaque over
+    a faded grey image, since they are a few pixels wide. A panel's longer side is at least MIN_PANEL px:
+    smaller images are upscaled by a whole factor, nearest-neighbour, so each pixel stays a block.
+    """
     base = Image.fromarray(image).convert("RGB")
-    panels = [base] + [Image.blend(base, colorize(lab).convert("RGB"), alpha) for lab in labels]
-    out = Image.new("RGB", (base.width * len(panels), base.height))
-    for i, p in enumerate(panels):
-        out.paste(p, (i * base.width, 0))
+    grey = base.convert("L").convert("RGB")  # under the labels: the image's own colours would shift theirs
+    panels = [("image", base)]
+    if scribbles is not None:
+        faded = Image.blend(grey, Image.new("RGB", base.size, "white"), 0.5)
+        faded.paste(colorize(scribbles).convert("RGB"), mask=Image.fromarray(
+            np.where(np.asarray(scribbles) != data.IGNORE, 255, 0).astype(np.uint8)))
+        panels.append(("scribbles", faded))
+    panels += [(title, Image.blend(grey, colorize(lab).convert("RGB"), alpha))
+               for title, lab in (("ground truth", gt), ("prediction", pred)) if lab is not None]
+    k = max(1, -(-MIN_PANEL // max(base.size)))
+    pw, ph = base.width * k, base.height * k
+    font = ImageFont.load_default(size=FONT_SIZE)  # Pillow's embedded font: the images need no system fonts
+    width = len(panels) * pw + (len(panels) - 1) * PANEL_GAP
+    entries = list(zip(class_names, data.class_colours(len(class_names))))
+    if gt is not None and (np.asarray(gt) == data.IGNORE).any():
+        entries.append(("ignored (255)", data.class_colours(256)[data.IGNORE]))
+    legend = _legend(entries, width, font)
+    out = Image.new("RGB", (width, TITLE_H + ph + legend.height), "white")
+    draw = ImageDraw.Draw(out)
+    for i, (title, panel) in enumerate(panels):
+        x = i * (pw + PANEL_GAP)
+        draw.text((x + 4, 4), title, fill="black", font=font)
+        out.paste(panel.resize((pw, ph), Image.Resampling.NEAREST), (x, TITLE_H))
+    out.paste(legend, (0, TITLE_H + ph))
     return out
+
+
+def _legend(entries: Sequence[tuple[str, tuple[int, int, int]]], width: int, font) -> Image.Image:
+    """Swatch + name for each entry, in columns as many as fit `width`."""
+    sw, pad = FONT_SIZE, 8
+    col = max(int(font.getlength(name)) for name, _ in entries) + sw + 3 * pad
+    per_row = max(1, (width - pad) // col)
+    row_h = FONT_SIZE + 8
+    rows = -(-len(entries) // per_row)
+    im = Image.new("RGB", (width, rows * row_h + 2 * pad), "white")
+    draw = ImageDraw.Draw(im)
+    for i, (name, colour) in enumerate(entries):
+        x, y = pad + (i % per_row) * col, pad + (i // per_row) * row_h
+        draw.rectangle((x, y, x + sw - 1, y + sw - 1), fill=colour, outline="black")
+        draw.text((x + sw + pad // 2, y - 1), name, fill="black", font=font)
+    return im
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -300,7 +356,9 @@ def evaluate(data_dir: str, model_dir: str, out_dir: str, cfg: EvalConfig, *, sp
                                                                 flip=cfg.multi_scale, tile=cfg.eval_tile)):
             cm.update(torch.from_numpy(gt), torch.from_numpy(pred))
             if k < cfg.n_overlays:
-                _save_png(overlay(image, gt, pred), tmp / "overlays" / f"{item.id}.png")
+                scribbles = label_of(item.scribble, image, item.image) if item.scribble else None  # VOC val: none
+                _save_png(overlay(image, index.classes, scribbles=scribbles, gt=gt, pred=pred),
+                          tmp / "overlays" / f"{item.id}.png")
         metrics = {**cm.summary(index.classes), "n_images": len(items), "split": split,
                    "multi_scale": cfg.multi_scale, "scales": scales, "model": str(model_dir)}
         write_report(tmp / "report.md", metrics, f"Evaluation on {split} ({Path(data_dir).name})")
@@ -358,7 +416,7 @@ def predict(model_dir: str, images: str, out_dir: str, *, device: str = "auto",
             if name in names:
                 raise CdspError(f"{path}: another image is also called {path.stem}; names must be unique")
             _save_png(colorize(pred), tmp / "labels" / name)
-            _save_png(overlay(image, pred), tmp / "overlays" / name)
+            _save_png(overlay(image, info["class_names"], pred=pred), tmp / "overlays" / name)
             names.append(name)
         atomic_write_text(tmp / "predictions.json", json.dumps(
             {"model": str(model_dir), "images": images, "class_names": info["class_names"], "labels": names},

@@ -519,9 +519,7 @@ def log_evaluation(eval_dir: str | os.PathLike, run_id: str | None = None,
         (tmp / "per_class_iou.md").write_text(report.iou_table({"IoU": per_class}), encoding="utf-8")
         files = [tmp / "per_class_iou.csv", tmp / "per_class_iou.md", path]
         if matrix:
-            names = class_names or list(per_class)
-            if len(names) != len(matrix):
-                names = [str(i) for i in range(len(matrix))]
+            names = class_names or report.matrix_names(metrics)
             report.confusion_plot(matrix, names, tmp / "confusion_matrix.png")
             files.append(tmp / "confusion_matrix.png")
         files += [p for p in (folder / "report.md", folder / "overlays") if p.exists()]

@@ -362,7 +362,7 @@ def evaluate(
         device: auto|cpu|cuda
         multi_scale: multi-scale + flip inference
         eval_scales: scales for multi-scale inference
-        n_overlays: colour overlays (image | ground truth | prediction) to write
+        n_overlays: colour overlays to write (image | scribbles | ground truth | prediction, with a legend)
         eval_tile: images larger than this (either side) are predicted in overlapping tiles (0: whole)
     """
     from cdsp_core import config

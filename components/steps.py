@@ -15,9 +15,7 @@ use them: data prep needs no torch.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import html
 import json
 import logging
 import os
@@ -29,7 +27,7 @@ from pathlib import Path
 
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 
-from cdsp_core import checkpoints, config, datastore, modelfolder, prepare, registry, report, telemetry, tracking
+from cdsp_core import checkpoints, config, datastore, modelfolder, prepare, registry, telemetry, tracking
 from cdsp_core.credentials import redact
 from cdsp_core.errors import CdspError
 from cdsp_core.fsutil import atomic_write_text
@@ -212,6 +210,7 @@ def evaluate_step(prepared: Dataset, model: Model, metrics: Metrics, report: HTM
                   device: str, cfg: config.EvalConfig) -> bool:
     """Evaluate on val and promote the model to champion if it beats the champion; True when promoted."""
     from cdsp_core import evaluate
+    from cdsp_core import report as pages  # `report` is the HTML artifact here
 
     params = {**config.to_dict(cfg), "device": device, "cls_gpus": gpu_count("cls_gpus", cls_gpus)}
     with stage_run(mlflow_run_id, pipeline_run_id, "evaluate", params), \
@@ -228,10 +227,19 @@ def evaluate_step(prepared: Dataset, model: Model, metrics: Metrics, report: HTM
                                               fingerprint=fingerprint, champion_miou=champion_miou,
                                               veto=evaluate.promotion_veto(result))
         tracking.log_final_metrics({"promoted": float(decision["promoted"])})  # the rest went with log_evaluation
+        run_id = tracking.active_run_id()
+        with tracking.recording(f"(reading) the experiment of run {run_id}"):
+            experiment_id = tracking.mlflow_client().get_run(run_id).info.experiment_id
+        page = pages.evaluation_html(evaluation.path, decision, model_name=registry.MODEL_NAME,
+                                     tracking_uri=tracking.tracking_uri(), experiment_id=experiment_id,
+                                     run_id=run_id, parent_run_id=mlflow_run_id)
+        html_copy = Path(evaluation.path) / "report.html"  # in MLflow too, which shows HTML artifacts
+        atomic_write_text(html_copy, page)
+        tracking.log_artifacts(html_copy)
     kfp_metrics(metrics, {**{k: result[k] for k in ("miou", "pixel_acc")},
                           **{f"iou_{name}": iou for name, iou in result["per_class_iou"].items()},
                           "promoted": float(decision["promoted"])})
-    html_report(report.path, result, decision, Path(evaluation.path) / "overlays")
+    atomic_write_text(report.path, page)
     return bool(decision["promoted"])
 
 
@@ -274,19 +282,3 @@ def kfp_metrics(metrics: Metrics, summary: dict) -> None:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(key, float(value))
 
-
-def html_report(path: str, result: dict, decision: dict, overlays: Path) -> None:
-    """The evaluation as one self-contained HTML page: numbers, per-class table, decision, overlays."""
-    images = "".join(
-        f'<figure><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-        f"<figcaption>{html.escape(p.stem)}: image | ground truth | prediction</figcaption></figure>"
-        for p in sorted(Path(overlays).glob("*.png")))
-    verdict = "promoted to champion" if decision["promoted"] else "not promoted"
-    atomic_write_text(path, (
-        "<!doctype html><html><head><meta charset='utf-8'><title>CDSP evaluation</title></head><body>"
-        f"<h1>Evaluation on val</h1><p>mIoU <b>{result['miou']:.4f}</b>, pixel accuracy {result['pixel_acc']:.4f}"
-        f" on {result.get('n_images', '?')} images</p>"
-        f"<p>Model version {html.escape(str(decision['version']))}: <b>{verdict}</b>: "
-        f"{html.escape(decision['reason'])}</p>"
-        f"{report.iou_table({'IoU': result['per_class_iou']}, as_html=True)}{images}"
-        "</body></html>\n"))

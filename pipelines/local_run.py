@@ -174,7 +174,8 @@ def summary_text(result: dict, tracking_uri: str) -> str:
     lines += ["", "Where to look next:", f"  run folder (every step's outputs): {result['run_dir']}"]
     if result["trained"]:
         lines += [f"  model:                              {result['model_dir']}",
-                  f"  evaluation (metrics, overlays):     {result['evaluation_dir']}"]
+                  f"  evaluation (metrics, overlays):     {result['evaluation_dir']}",
+                  f"  its report, for a browser:          {result['evaluation_dir']}/report.html"]
     if tracking_uri == f"sqlite:///{tracking.project_dir() / 'mlflow.db'}":
         lines += ["  MLflow UI:  make mlflow-ui, then http://127.0.0.1:5000 (experiment 'cdsp', model cdsp-segmenter)"]
     elif tracking_uri.startswith("sqlite:"):

@@ -144,7 +144,7 @@ def pipeline_function(wire: Callable[..., None]) -> Callable[..., None]:
             seed: random seed
             multi_scale: multi-scale + flip inference
             eval_scales: scales for multi-scale inference
-            n_overlays: colour overlays (image | ground truth | prediction) to write
+            n_overlays: colour overlays to write (image | scribbles | ground truth | prediction, with a legend)
             eval_tile: images larger than this (either side) are predicted in overlapping tiles (0: whole)
         """
         wire(

@@ -105,16 +105,59 @@ def test_evaluate_writes_metrics_report_and_overlays(tiny):
     assert m["pixel_acc"] == pytest.approx(np.trace(mat) / mat.sum())
     report = (out / "report.md").read_text()
     assert "| class | IoU |" in report and f"{m['miou']:.4f}" in report
+    assert m["class_names"] == synth.CLASSES  # the matrix's rows, though some class may be absent from val
     overlays = sorted((out / "overlays").iterdir())
     assert len(overlays) == 2
-    with Image.open(overlays[0]) as im:
-        assert im.size == (3 * 40, 40)  # image | ground truth | prediction
+    with Image.open(overlays[0]) as im:  # image | scribbles | ground truth | prediction, 40 px shown at 7x
+        assert im.width == 4 * 280 + 3 * evaluate.PANEL_GAP and im.height > evaluate.TITLE_H + 280
+        pixels = np.asarray(im.convert("RGB"))[evaluate.TITLE_H:evaluate.TITLE_H + 280]
+        item, x = index.val[0], 280 + evaluate.PANEL_GAP
+        assert np.array_equal(pixels[:, :280], np.kron(data.read_image(item.image), np.ones((7, 7, 1), np.uint8)))
+        scribbles = np.kron(data.read_label(item.scribble), np.ones((7, 7), np.uint8))  # the val scribbles
+        drawn = scribbles != 255
+        assert drawn.any() and np.array_equal(pixels[:, x:x + 280][drawn],
+                                              np.array(data.class_colours(255))[scribbles[drawn]])
 
     # multi-scale + flip inference runs at full size too and is recorded
     m2 = evaluate.evaluate(str(tiny / "data"), str(tiny / "model"), str(out), EvalConfig(
         multi_scale=True, eval_scales="0.75,1.0", n_overlays=0), device="cpu")
     assert m2["scales"] == [0.75, 1.0] and np.array(m2["confusion_matrix"]).sum() == labelled
     assert not (out / "overlays").exists()  # the folder was replaced whole
+
+
+def test_overlay_panels_are_titled_upscaled_and_over_a_legend_of_every_class():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)  # our synthetic images' size
+    gt = np.zeros((96, 96), np.uint8)
+    gt[20:60, 20:60] = 1
+    gt[60:62] = 255  # void
+    scribbles = np.full((96, 96), 255, np.uint8)
+    scribbles[30:33, 25:55] = 1
+    pred = np.full((96, 96), 2, np.uint8)
+    names = ["background", "disc", "box", "triangle", "star"]
+    im = np.asarray(evaluate.overlay(image, names, scribbles=scribbles, gt=gt, pred=pred))
+    side, gap, top = 288, evaluate.PANEL_GAP, evaluate.TITLE_H  # 3 x 96: the first whole factor to reach 256
+    assert im.shape[1] == 4 * side + 3 * gap
+
+    def panel(i: int) -> np.ndarray:
+        return im[top:top + side, i * (side + gap):i * (side + gap) + side]
+
+    assert np.array_equal(panel(0), np.kron(image, np.ones((3, 3, 1), np.uint8)))  # nearest-neighbour
+    colours = np.array(data.class_colours(256))
+    assert (panel(1)[90:99, 75:165] == colours[1]).all()  # a scribble, opaque, 3 px become 9
+    grey = np.asarray(Image.fromarray(image).convert("L"), np.float64)[0, 0]
+    assert panel(3)[0, 0] == pytest.approx(0.4 * grey + 0.6 * colours[2], abs=1)  # prediction blended over grey
+    for i in range(4):  # a title above each panel: dark text on white
+        strip = im[:top, i * (side + gap):i * (side + gap) + side]
+        assert (strip < 100).any() and (strip == 255).mean() > 0.5
+    legend = im[top + side:].reshape(-1, 3)
+    present = {tuple(c) for c in np.unique(legend, axis=0)}
+    assert {tuple(colours[c]) for c in [*range(len(names)), 255]} <= present  # every class, and void (in gt)
+
+    # a VOC-sized image is shown as it is, not upscaled
+    big = evaluate.overlay(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8), names, pred=pred[:1, :1].repeat(
+        375, 0).repeat(500, 1))
+    assert big.width == 2 * 500 + gap and big.height > top + 375
 
 
 def test_evaluate_refuses_a_folder_it_did_not_write(tiny, tmp_path):
@@ -174,8 +217,9 @@ def test_predict_images_of_any_size(tiny, tmp_path):
         with Image.open(out / "labels" / f"{name}.png") as im:
             assert im.mode == "P" and im.size == (w, h)
             assert np.asarray(im).max() < 6
-        with Image.open(out / "overlays" / f"{name}.png") as im:
-            assert im.size == (2 * w, h)
+        k = -(-256 // max(w, h))  # upscaled by a whole factor until the longer side is at least 256 px
+        with Image.open(out / "overlays" / f"{name}.png") as im:  # image | prediction, and the legend
+            assert im.width == 2 * k * w + evaluate.PANEL_GAP and im.height > evaluate.TITLE_H + k * h
 
 
 def test_predict_from_s3(tiny, tmp_path, s3):

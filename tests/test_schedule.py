@@ -14,6 +14,7 @@ goes to a real Pushgateway.
 
 from __future__ import annotations
 
+import html
 import inspect
 import io
 import json
@@ -118,8 +119,8 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
         record["manifest"]
     for step in ("train-classifier/classifier", "train-segmenter/model"):
         assert (run_a / step / "model.pt").is_file(), step
-    html = (run_a / "evaluate" / "report").read_text()
-    assert "data:image/png;base64," in html and "promoted to champion" in html
+    page_a = (run_a / "evaluate" / "report").read_text()
+    assert "data:image/png;base64," in page_a and "Promoted to champion</b>: no champion yet" in page_a
     champion = registry.champion_info()
     assert champion["fingerprint"] == a["fingerprint"] and champion["miou"] == pytest.approx(
         a["metrics"]["miou"], abs=1e-6)
@@ -230,6 +231,13 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
     assert promoted == ("does not beat" not in reason) == (metrics.metadata["promoted"] == 1.0)
     now = registry.champion_info()
     assert now["version"] == (version if promoted else champion["version"])
+    # the step's HTML report says so, against the champion before and after; MLflow holds it too
+    page = (out / "report.html").read_text()
+    assert html.escape(reason) in page and f"<td>champion before</td><td>{champion['version']}</td>" in page
+    assert f"<td>champion after</td><td>{now['version']}</td>" in page
+    evaluate_run = mlflow_children(run["mlflow_run_id"])["evaluate"]
+    assert f"<code>{evaluate_run}</code>" in page  # a SQLite store has no UI to link to: the ids as text
+    assert Path(_client().download_artifacts(evaluate_run, "report.html", str(tmp_path))).read_text() == page
     assert now["fingerprint"] == (fingerprint if promoted else a["fingerprint"])
     assert set(mlflow_children(run["mlflow_run_id"])) == STAGES - {"train_classifier"}
 
