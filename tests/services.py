@@ -154,14 +154,20 @@ def s3_server(folder: str | os.PathLike | None = None) -> Iterator[S3Server]:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: str | os.PathLike | None = None) -> Iterator[Service]:
-    """`mlflow server` over `folder/mlflow.db` (SQLite) and `folder/artifacts`; `url` is the tracking URI."""
+def mlflow_server(folder: str | os.PathLike | None = None, ui_host: str = "") -> Iterator[Service]:
+    """`mlflow server` over `folder/mlflow.db` (SQLite) and `folder/artifacts`; `url` is the tracking URI.
+
+    `ui_host`: a name (mapped to 127.0.0.1 by the browser) the UI is also served under.
+    """
     with _folder(folder, "mlflow-") as where:
         port = free_port()
         argv = [executable("mlflow", "pip install mlflow"), "server",
                 "--backend-store-uri", f"sqlite:///{where / 'mlflow.db'}",
                 "--artifacts-destination", str(where / "artifacts"),
                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        if ui_host:  # MLflow refuses other Host headers and origins than localhost's (DNS rebinding)
+            argv += ["--allowed-hosts", f"{ui_host}:{port},127.0.0.1:{port},localhost:{port}",
+                     "--cors-allowed-origins", f"http://{ui_host}:{port}"]
         # Job execution would start a pool of helper processes we do not use.
         env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with Service("mlflow", argv, port, "/health", where, env, start_timeout=120) as server:
