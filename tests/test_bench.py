@@ -50,6 +50,7 @@ def test_tiny_bench_writes_results_logs_mlflow_and_resumes(tmp_path, monkeypatch
     out = tmp_path / "bench"
     argv = ["bench", "--data", str(data), "--out", str(out), "--runs", RUNS, "--seeds", "2", *TINY]
     assert cli.main([*argv, "--jobs", "2"]) == 0  # two runs at a time, in worker processes
+    printed = capsys.readouterr().out
 
     results = json.loads((out / "results.json").read_text())
     rows = results["runs"]
@@ -96,6 +97,12 @@ def test_tiny_bench_writes_results_logs_mlflow_and_resumes(tmp_path, monkeypatch
     per_run = {(x.data.tags["cdsp.bench_run"], x.data.tags["cdsp.seed"]): x for x in logged
                if x.data.tags.get("cdsp.bench_run") != "summary"}
     assert set(per_run) == {(n, s) for n in RUNS.split(",") for s in ("0", "1")}
+    assert all(x.info.run_name == f"{n} · s{s}" for (n, s), x in per_run.items())
+    # The compare page of those runs; the store is a database, not a server: the UI's address, and how to start it.
+    line = next(x for x in printed.splitlines() if x.startswith("compare in MLflow"))
+    assert line.startswith("compare in MLflow (6 runs): http://127.0.0.1:5000/#/compare-runs?runs=")
+    assert all(x.info.run_id in line for x in per_run.values())
+    assert f"(the runs are in {uri}, not on a server: start the UI with `mlflow server" in printed
     x = per_run["cdsp", "1"]
     assert x.data.metrics["miou"] == pytest.approx(by_name["cdsp"]["miou"]["per_seed"][1])
     assert x.data.params["l_lorm"] == "1.0" and per_run["scribble-only", "0"].data.params["l_lorm"] == "0.0"
