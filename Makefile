@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_DIR ?= build/demo
 
-.PHONY: install test test-fast test-services lint components demo pipeline submit images bench mlflow-ui clean
+.PHONY: install test test-fast test-services lint components demo pipeline submit images bench mlflow-ui screenshots clean
 
 install: $(VENV)/.installed
 
@@ -116,6 +116,16 @@ MLFLOW_UI_PORT ?= 5000
 mlflow-ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_UI_PORT) \
 	  --workers 1 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlruns
+
+# The dashboard in pictures (docs/images/mlflow-*.png, shown in the README): a throwaway MLflow store
+# filled with a small bench and demo, served on 127.0.0.1, photographed with Debian's Chromium
+# (headless) by docs/screenshots.py; about 5 minutes here.
+screenshots: install
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "install Debian's chromium first"; exit 1; fi; }
+	$(PY) docs/screenshots.py --out docs/images
 
 clean:
 	rm -rf build .pytest_cache

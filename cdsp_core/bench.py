@@ -41,9 +41,13 @@ in a spawned worker process with its share of the CPU threads.
 
 A rerun with the same settings reuses every finished step and resumes an interrupted training
 from its checkpoint, so a stopped bench continues where it stopped; a step whose settings
-changed is redone. Each (run, seed) is one MLflow run
-in the experiment `bench_experiment` (params, training curves, final metrics), and one more
-run holds results.json/results.md and the mean mIoU of every bench run.
+changed is redone. Each (run, seed) is one MLflow run in the experiment `bench_experiment`,
+named `<run> · s<seed>` (`cdsp · s0`) and tagged with the bench id: its settings as params, its
+training curves (step = epoch; `val_miou` on the first `curve_val_images` val images)
+and its results (`miou`, `pixel_acc`, `iou_<class>`, `pseudo_miou`), with the training as the
+nested run `cdsp · s0 / train_segmenter`. One more run, `summary · <bench id>`, holds
+results.json/results.md and the mean mIoU of every bench run. The bench ends with the address of
+MLflow's compare page for its runs (`compare_url`).
 """
 
 from __future__ import annotations
@@ -176,15 +180,16 @@ def open_bench_dir(out: Path, settings: dict) -> str:
 # ---------------------------------------------------------------------------- scribbles and stage 1
 
 
-def training_view(index: data.DatasetIndex, out: Path, variant: str, seed: int) -> Path:
-    """A dataset root for training: `index.root` through symlinks, with only the train split listed
-    (so the segmenter's per-epoch validation, about a fifth of a CPU epoch, is skipped: the bench
-    evaluates once at the end) and, for a variant, degraded scribbles (scribbles.degrade_dir).
+def training_view(index: data.DatasetIndex, out: Path, variant: str, seed: int, curve_val_images: int = 0) -> Path:
+    """A dataset root for training: `index.root` through symlinks, with the train split and the first
+    `curve_val_images` val images listed (the segmenter's per-epoch val_miou: a curve in MLflow for a
+    few percent of an epoch, where the whole val split costs a fifth of a CPU epoch; the bench
+    evaluates on all of it once at the end) and, for a variant, degraded scribbles (scribbles.degrade_dir).
     """
     view = out / "data" / variant
     scribble_dir, split_dir = index.scribble_dir, "bench_splits"
     settings = {"data": str(index.root.resolve()), "scribble_dir": index.scribble_dir,
-                "split_dir": index.split_dir, "variant": variant, "seed": seed}
+                "split_dir": index.split_dir, "variant": variant, "seed": seed, "curve_val_images": curve_val_images}
     if _reuse(view / "view.json", settings) is not None:
         return view
     with data.new_output_dir(view, "view.json") as tmp:
@@ -199,6 +204,9 @@ def training_view(index: data.DatasetIndex, out: Path, variant: str, seed: int) 
                 (tmp / entry.name).symlink_to(entry.resolve())
         (tmp / split_dir).mkdir()
         shutil.copyfile(index.root / index.split_dir / "train.txt", tmp / split_dir / "train.txt")
+        curve = [item.id for item in index.val if item.gt is not None][:curve_val_images]
+        if curve:
+            atomic_write_text(tmp / split_dir / "val.txt", "".join(f"{i}\n" for i in curve))
         atomic_write_text(tmp / data.MANIFEST, json.dumps({"scribble_dir": scribble_dir, "split_dir": split_dir},
                                                           indent=2) + "\n")
         _record(tmp / "view.json", settings, {"scribble_dir": scribble_dir})
@@ -261,30 +269,78 @@ def train_and_evaluate(run: Run, seed: int, train_dir: Path, data_dir: Path, sta
             "pseudo_miou": stage1.get("pseudo_miou") if stage1 else None}
 
 
+def run_label(run: Run, seed: int) -> str:
+    """What MLflow's runs table, compare view and charts call a (run, seed): `cdsp · s0`."""
+    return f"{run.name} · s{seed}"
+
+
+def mlflow_key(bench_id: str, run: Run, seed: int, settings: dict) -> str:
+    """The tag that finds a (run, seed)'s MLflow run again: keyed by its settings too, so a resumed
+    run finds its MLflow run again and a run redone with other settings gets a new one."""
+    return f"{bench_id}.{run.name}.seed{seed}.{config.settings_digest(settings)[:8]}"
+
+
 def tracked(bench_id: str, experiment: str, run: Run, seed: int, params: dict, settings: dict,
             work: Callable) -> dict:
-    """`work(on_metrics)` as one MLflow run of the bench experiment: params, curves, final metrics.
-
-    The MLflow run is keyed by the run's settings too: a resumed run finds its MLflow run again,
-    a run redone with other settings gets a new one.
-    """
-    key = config.settings_digest(settings)[:8]
-    run_id = tracking.start_pipeline_run(f"{bench_id}.{run.name}.seed{seed}.{key}", experiment=experiment,
-                                         params=params, bench=bench_id, bench_run=run.name, seed=seed,
-                                         scribbles=scribbles_label(run))
-    with tracking.stage_run(run_id, "train_segmenter"):
+    """`work(on_metrics)` as one MLflow run of the bench experiment: params, curves, final metrics."""
+    run_id = tracking.start_pipeline_run(mlflow_key(bench_id, run, seed, settings), experiment=experiment,
+                                         params=params, run_name=run_label(run, seed), bench=bench_id,
+                                         bench_run=run.name, seed=seed, scribbles=scribbles_label(run))
+    with tracking.stage_run(run_id, "train_segmenter", params, curves_on_parent=True):
         outcome = work(tracking.log_metrics)
-        final = {k: outcome[k] for k in ("miou", "pixel_acc", "per_class_iou", "seconds", "pseudo_miou")
-                 if outcome.get(k) is not None}
-        tracking.log_final_metrics(final, run_id=run_id)
+        final = tracking.headline({k: v for k, v in outcome.items() if v is not None})
+        tracking.log_final_metrics({**final, "seconds": outcome["seconds"]}, run_id=run_id)
     return outcome
+
+
+def experiment_note(bench_id: str, settings: dict, n_runs: int, seeds: int) -> str:
+    """The bench experiment's description: what its runs are, what the numbers mean, the latest bench."""
+    return (
+        "`cdsp bench`: the ablation of CDSP (which loss terms, which scribbles) on one segmenter, budget and "
+        "seeds.\n\n"
+        "- One run per bench row and seed, named `<row> · s<seed>` (`cdsp · s0`, `scribble-only-drop0.5 · s1`): "
+        "its settings as params (`bench_run`, `scribbles`, the loss weights `l_*`, ...), its val-split results "
+        "`miou`, `pixel_acc`, `iou_<class>` and `pseudo_miou` (stage-1 pseudo-labels against ground truth), "
+        "all **fractions in [0, 1]** (0.62 = 62 %), and its training curves, step = epoch (`loss`, each "
+        "`loss_<term>`, `lr`, `images_per_sec`, and `val_miou` on the first val images: `curve_val_images`). "
+        "The nested `<row> · s<seed> / train_segmenter` is the training itself.\n"
+        "- `summary · <bench id>`: results.md (the table with the targets) and each row's mean mIoU over seeds "
+        "(`miou_<row>`).\n"
+        "- Compare rows: select runs, then Compare (differing params are highlighted), or the Chart view; "
+        "`cdsp bench` prints the compare page of its runs at its end. One bench's runs: "
+        "`tags.cdsp.bench = '<bench id>'`.\n\n"
+        f"Latest bench: `{bench_id}`: {n_runs} rows × {seeds} seed(s), preset `{settings.get('preset')}`, "
+        f"{settings.get('epochs')} epochs, on `{settings.get('data')}`.")
 
 
 def start_summary(bench_id: str, experiment: str, settings: dict) -> str:
     """The bench's own MLflow run (made first, so that an unreachable server stops the bench at once);
     one per bench folder and settings."""
     return tracking.start_pipeline_run(f"{bench_id}.{config.settings_digest(settings)[:8]}", experiment=experiment,
-                                       params=settings, bench=bench_id, bench_run="summary")
+                                       params=settings, run_name=f"summary · {bench_id}", bench=bench_id,
+                                       bench_run="summary")
+
+
+def compare_runs(experiment: str, bench_id: str, keys: list[str]) -> dict:
+    """MLflow's compare page for this bench's (run, seed) runs, in the order of `keys` (`mlflow_key`'s;
+    runs of this bench made with other settings are left out): {"experiment_id", "run_ids",
+    "compare_url", "runs_url" (the runs table in a saved view: results as columns, best first), "note"}."""
+    client = tracking.mlflow_client()
+    with tracking.recording(f"(reading) the runs of bench {bench_id}"):
+        exp = client.get_experiment_by_name(experiment)
+        found = client.search_runs([exp.experiment_id], f"tags.`cdsp.bench` = '{bench_id}' and "
+                                   f"tags.`{tracking.TAG_STAGE}` = '{tracking.PIPELINE_STAGE}'", max_results=5000)
+    by_key = {r.data.tags.get(tracking.TAG_PIPELINE_RUN): r.info.run_id for r in found}
+    run_ids = [by_key[k] for k in keys if k in by_key]
+    url, note = tracking.compare_url(run_ids, [exp.experiment_id])
+    # The UI orders metric columns by name: per-class IoUs would push mIoU off the page (they are on
+    # the compare page and each run's).
+    view = tracking.share_view(exp.experiment_id, bench_id,
+                               ["metrics.miou", "metrics.pixel_acc", "metrics.pseudo_miou", "params.bench_run",
+                                "params.scribbles", "params.seed"], order_by="metrics.miou",
+                               search=f"tags.`cdsp.bench` = '{bench_id}' and tags.`cdsp.bench_run` != 'summary' and "
+                                      f"tags.`{tracking.TAG_STAGE}` = '{tracking.PIPELINE_STAGE}'")  # not the summary
+    return {"experiment_id": exp.experiment_id, "run_ids": run_ids, "compare_url": url, "runs_url": view, "note": note}
 
 
 def log_summary(run_id: str, results: dict, out: Path) -> None:
@@ -460,11 +516,15 @@ def bench(data_dir: str, out_dir: str, cls_cfg: ClassifierConfig, pl_cfg: Pseudo
     settings = {**config.to_dict(cls_cfg, pl_cfg, seg_cfg, eval_cfg, bench_cfg), "data": str(root),
                 "preset": preset or "paper"}
     bench_id = open_bench_dir(out, settings)
-    summary_run = start_summary(bench_id, bench_cfg.bench_experiment, settings) if bench_cfg.mlflow else None
+    summary_run = None
+    if bench_cfg.mlflow:
+        summary_run = start_summary(bench_id, bench_cfg.bench_experiment, settings)
+        tracking.describe_experiment(bench_cfg.bench_experiment,
+                                     experiment_note(bench_id, settings, len(runs), bench_cfg.seeds))
     log.info("bench %s: %d runs x %d seeds on %s -> %s", bench_id, len(runs), bench_cfg.seeds, root, out)
 
     # Stage 1, once per scribble set that a run with pseudo-labels (or distance maps) uses.
-    roots = {variant: training_view(index, out, variant, bench_cfg.degrade_seed)
+    roots = {variant: training_view(index, out, variant, bench_cfg.degrade_seed, bench_cfg.curve_val_images)
              for variant in dict.fromkeys(r.scribbles for r in runs)}
     stage1: dict[str, dict] = {}
     shared_classifier = None
@@ -478,6 +538,7 @@ def bench(data_dir: str, out_dir: str, cls_cfg: ClassifierConfig, pl_cfg: Pseudo
     results = {"bench_id": bench_id, "data": str(root), "preset": preset or "paper", "settings": settings,
                "stage1": stage1, "runs": [], "checks": []}
     todo, done = [], {}  # (run, seed) pairs to train; finished outcomes by (run name, seed)
+    keys = []  # the MLflow keys of this bench's (run, seed) runs
     for i, run in enumerate(runs, 1):
         stage = stage1.get(run.scribbles) if train.needed_maps(run_config(run, seg_cfg, 0)) else None
         for seed in range(seg_cfg.seed, seg_cfg.seed + bench_cfg.seeds):
@@ -486,6 +547,7 @@ def bench(data_dir: str, out_dir: str, cls_cfg: ClassifierConfig, pl_cfg: Pseudo
             params = {**config.to_dict(cfg, eval_cfg), "bench_run": run.name, "scribbles": scribbles_label(run)}
             run_settings = {**params, "data": str(roots[run.scribbles]),
                             "pseudo": stage and {k: stage[k] for k in ("pseudo", "pseudo_miou", "classifier")}}
+            keys.append(mlflow_key(bench_id, run, seed, run_settings))
             outcome = _reuse(folder / RESULT, run_settings)
             if outcome is not None:
                 done[run.name, seed] = outcome
@@ -537,6 +599,8 @@ def bench(data_dir: str, out_dir: str, cls_cfg: ClassifierConfig, pl_cfg: Pseudo
                 for future in futures:  # a failed run stops the bench; the running one finishes its epoch
                     future.cancel()
                 raise
+    if summary_run:
+        results["mlflow"] = compare_runs(bench_cfg.bench_experiment, bench_id, keys)
     report()
     if summary_run:
         log_summary(summary_run, results, out)
@@ -567,4 +631,10 @@ def _run(args: argparse.Namespace) -> int:
         m = r["miou"]
         print(f"{r['name']:<26} mIoU {m['mean']:.4f} ± {m['std']:.4f}  ({r['scribbles']})")
     print(f"results -> {os.path.join(args.out, 'results.md')}")
+    if "mlflow" in results:
+        mlflow = results["mlflow"]
+        print(f"compare in MLflow ({len(mlflow['run_ids'])} runs): {mlflow['compare_url']}")
+        print(f"runs table with the results as columns, best first: {mlflow['runs_url']}")
+        if mlflow["note"]:
+            print(f"  ({mlflow['note']})")
     return 0

@@ -123,6 +123,8 @@ class BenchConfig:
     jobs: int = opt(1, "bench runs trained at the same time, each in its own process with its share of the CPU "
                        "threads (2 on a 2-core machine is about twice as fast as 1)")
     degrade_seed: int = opt(0, "seed of the drop(0.5)/shrink(0.5) scribbles of the robustness runs")
+    curve_val_images: int = opt(20, "val images behind each bench run's per-epoch val_miou curve (the first of the "
+                                    "val split; 0: no curve); the reported mIoU always uses the whole val split")
     bench_experiment: str = opt("cdsp-bench", "MLflow experiment that receives every bench run")
     mlflow: bool = opt(True, "log every bench run to MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db)")
 

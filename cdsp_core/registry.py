@@ -5,7 +5,9 @@
     decision = registry.promote_if_better(version, miou, val_split=registry.val_split_id(manifest))
     folder = registry.resolve_model("models:/cdsp-segmenter@champion")   # downloaded once, cached
 
-A retry registers nothing new: a model version is found again by its run. Reading or writing
+A version's description is written from its tags and the alias (`describe_version`), every
+time either changes, so the two always agree. A retry registers nothing new: a model version
+is found again by its run. Reading or writing
 the registry when the server is unreachable raises a CdspError naming the server and what was
 not recorded (tracking.recording).
 """
@@ -32,10 +34,19 @@ CHAMPION = "champion"
 
 # tags of model versions (and of the evaluation run that decided)
 TAG_SOURCE_RUN = "cdsp.source_run_id"
+TAG_SOURCE_RUN_NAME = "cdsp.source_run_name"  # what MLflow's runs table calls that run
 TAG_MIOU = "cdsp.miou"
 TAG_VAL_SPLIT = "cdsp.val_split"
 TAG_DECISION = "cdsp.promotion"
 TAG_REASON = "cdsp.promotion_reason"
+TAG_RESCORED = "cdsp.rescored"  # the champion measured again on a newer val split: when, and what it was before
+MODEL_DESCRIPTION = (
+    "CDSP scribble-supervised semantic segmenter (DeepLab), one version per trained model, logged by the "
+    "pipeline's train_segmenter stage in the pickle-free torch.export format (N×3×H×W float images in, "
+    "N×C×H×W logits out). The alias `champion` is the version with the best val mIoU (a fraction in [0, 1]) "
+    "on the same val split; it moves only when a new model beats it. Each version's description and tags say "
+    "its mIoU, why it was or was not promoted, and the run that trained it. Use it with "
+    "`cdsp predict --model models:/cdsp-segmenter@champion` (or `models:/cdsp-segmenter/<version>`).")
 # the files of a model folder that ride along with the logged model (what resolve_model gives back)
 FOLDER_FILES = (modelfolder.WEIGHTS, modelfolder.CONFIG, modelfolder.HISTORY)
 
@@ -102,7 +113,8 @@ def log_segmenter(model_dir: str | os.PathLike, run_id: str | None = None, *, mo
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),  # unnamed: one tensor in
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes, -1, -1))]))
-    version_tags = {TAG_SOURCE_RUN: run_id, TAG_CODE_VERSION: tracking.code_version(),
+    version_tags = {TAG_SOURCE_RUN: run_id, TAG_SOURCE_RUN_NAME: run.info.run_name or "",
+                    TAG_CODE_VERSION: tracking.code_version(),
                     TAG_FINGERPRINT: run.data.tags.get(TAG_FINGERPRINT, ""),
                     TAG_PIPELINE_RUN: run.data.tags.get(TAG_PIPELINE_RUN, "")}
     with tracking.recording(f"the segmenter of run {run_id}"):
@@ -118,6 +130,9 @@ def log_segmenter(model_dir: str | os.PathLike, run_id: str | None = None, *, mo
         for f in extra:  # the config and history also on the run's own artifact page
             if Path(f).name != modelfolder.WEIGHTS:
                 client.log_artifact(run_id, f)
+        if client.get_registered_model(MODEL_NAME).description != MODEL_DESCRIPTION:
+            client.update_registered_model(MODEL_NAME, description=MODEL_DESCRIPTION)
+        describe_version(client, version)
     log.info("MLflow: registered %s version %s from run %s", MODEL_NAME, version, run_id)
     return version
 
@@ -148,15 +163,17 @@ def promote_if_better(version: str, miou: float, *, val_split: str, fingerprint:
     The comparison needs both mIoUs on the same split (`val_split`, e.g. `val_split_id(manifest)`):
     a champion evaluated on another split is kept unless `champion_miou` (the champion
     re-evaluated on this split) is given. A `veto` (e.g. `evaluate.promotion_veto(metrics)`: the
-    model predicts a single class) keeps the champion whatever the mIoU. The decision and its reason are written on the
-    version (tags and description) and, given `run_id` (default: the open stage run, if
-    any), on that run. Returns {"promoted", "reason", "version", "miou", "champion_version",
+    model predicts a single class) keeps the champion whatever the mIoU. The decision and its
+    reason are written on the version (tags, and the description rewritten from them by
+    `describe_version`, as is the one of a champion re-scored or replaced; evaluated again as the
+    champion, a version keeps its first reason) and, given `run_id` (default: the open stage run,
+    if any), on that run. Returns {"promoted", "reason", "version", "miou", "champion_version",
     "champion_miou"}.
     """
     version = str(version)
     client = tracking.mlflow_client()
     with tracking.recording(f"the champion decision for {MODEL_NAME} version {version}"):
-        client.get_model_version(MODEL_NAME, version)  # exists?
+        mine = client.get_model_version(MODEL_NAME, version)  # exists?
         tags = {TAG_MIOU: f"{miou:.6f}", TAG_VAL_SPLIT: val_split}
         if fingerprint:
             tags[TAG_FINGERPRINT] = fingerprint
@@ -188,14 +205,20 @@ def promote_if_better(version: str, miou: float, *, val_split: str, fingerprint:
                                        f"({champ_miou:.4f}) on val split {val_split}")
         if champ is not None and champion_miou is not None and champ_version != version:
             # The champion measured again on this split: record it, so the next run compares directly.
-            client.set_model_version_tag(MODEL_NAME, champ_version, TAG_MIOU, f"{champion_miou:.6f}")
-            client.set_model_version_tag(MODEL_NAME, champ_version, TAG_VAL_SPLIT, val_split)
+            before = champ.tags.get(TAG_MIOU)
+            was = f"{float(before):.4f} on val split {champ.tags.get(TAG_VAL_SPLIT) or '?'}" if before else "unscored"
+            rescored = {TAG_MIOU: f"{champion_miou:.6f}", TAG_VAL_SPLIT: val_split,
+                        TAG_RESCORED: f"measured again on val split {val_split} when version {version} was "
+                                      f"evaluated: {champion_miou:.4f} (was {was})"}
+            for k, v in rescored.items():
+                client.set_model_version_tag(MODEL_NAME, champ_version, k, v)
         if promoted and champ_version != version:
             client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
-        client.set_model_version_tag(MODEL_NAME, version, TAG_DECISION, "promoted" if promoted else "kept")
-        client.set_model_version_tag(MODEL_NAME, version, TAG_REASON, reason)
-        client.update_model_version(MODEL_NAME, version, description=f"{'Champion' if promoted else 'Not promoted'}"
-                                                                     f": {reason}.")
+        if champ_version != version or mine.tags.get(TAG_DECISION) != "promoted":  # a retry keeps the first why
+            client.set_model_version_tag(MODEL_NAME, version, TAG_DECISION, "promoted" if promoted else "kept")
+            client.set_model_version_tag(MODEL_NAME, version, TAG_REASON, reason)
+        for v in dict.fromkeys(x for x in (version, champ_version) if x):  # the alias or a tag of each changed
+            describe_version(client, v)
         run_id = run_id or tracking.open_run_id()
         if run_id:
             tracking.set_tags(client, run_id, {TAG_DECISION: "promoted" if promoted else "kept", TAG_REASON: reason,
@@ -204,6 +227,36 @@ def promote_if_better(version: str, miou: float, *, val_split: str, fingerprint:
              reason)
     return {"promoted": promoted, "reason": reason, "version": version, "miou": miou,
             "champion_version": champ_version, "champion_miou": champ_miou}
+
+
+def describe_version(client, version: str) -> str:
+    """Write the description of model version `version` from its tags and the alias, which it
+    therefore never contradicts: champion or not, its mIoU and val split, the promotion decision
+    and its reason, a re-scoring, and the run that trained it (by name). Returns the text."""
+    mv = client.get_model_version(MODEL_NAME, str(version))
+    tags = mv.tags
+    champ = _champion(client)
+    if TAG_MIOU not in tags:
+        state = "Not evaluated yet."
+    else:
+        role = "**Champion**" if champ is not None and str(champ.version) == str(mv.version) else (
+            f"Not the champion (version {champ.version} is)" if champ is not None else "Not the champion")
+        state = f"{role}: mIoU {float(tags[TAG_MIOU]):.4f} on val split {tags.get(TAG_VAL_SPLIT) or '?'}."
+    lines = [state]
+    if tags.get(TAG_REASON):
+        lines.append(f"{'Promoted' if tags.get(TAG_DECISION) == 'promoted' else 'Not promoted'} when evaluated: "
+                     f"{tags[TAG_REASON]}.")
+    if tags.get(TAG_RESCORED):
+        lines.append(f"Re-scored: {tags[TAG_RESCORED]}.")
+    source = f"`{tags[TAG_SOURCE_RUN_NAME]}` ({mv.run_id})" if tags.get(TAG_SOURCE_RUN_NAME) else f"{mv.run_id}"
+    extra = [f"pipeline run {tags[TAG_PIPELINE_RUN]}" if tags.get(TAG_PIPELINE_RUN) else "",
+             f"data fingerprint {tags[TAG_FINGERPRINT][:16]}" if tags.get(TAG_FINGERPRINT) else "",
+             f"code {tags[TAG_CODE_VERSION]}" if tags.get(TAG_CODE_VERSION) else ""]
+    lines.append(f"Trained by run {source}" + "".join(f", {e}" for e in extra if e) + ".")
+    text = "\n\n".join(lines)  # Markdown paragraphs, as MLflow's UI renders descriptions
+    if mv.description != text:
+        client.update_model_version(MODEL_NAME, str(version), description=text)
+    return text
 
 
 def champion_info() -> dict | None:

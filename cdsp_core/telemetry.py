@@ -44,6 +44,7 @@ GAUGES = {
     "loss": ("cdsp_training_loss", "Total training loss at the last reported step."),
     "images_per_sec": ("cdsp_training_images_per_second", "Training throughput in images per second."),
     "epoch": ("cdsp_training_epoch", "Current training epoch."),
+    "step": ("cdsp_training_step", "Optimizer steps done at the last report."),
     "lr": ("cdsp_training_learning_rate", "Current learning rate."),
     "val_miou": ("cdsp_val_miou_ratio", "Mean IoU on the val split (0 to 1) at the last evaluation."),
 }
@@ -66,7 +67,6 @@ class StageMetrics:
 
         # Children are created on first use, so a metric never reported is absent, not 0.
         self._gauges = {key: gauge(name, help_text) for key, (name, help_text) in GAUGES.items()}
-        self._step = gauge("cdsp_training_step", "Last reported training step.")
         self._duration = gauge("cdsp_stage_duration_seconds", "Seconds since the stage started (final at its end).")
         self._success = gauge("cdsp_stage_last_success_timestamp_seconds", "Unix time the stage last succeeded.")
         self._gpu = {"allocated": gauge("cdsp_gpu_memory_allocated_bytes", "GPU memory held by tensors."),
@@ -98,7 +98,6 @@ class StageMetrics:
         for key, value in metrics.items():
             if key in self._gauges and isinstance(value, (int, float)):
                 self._gauges[key].labels(**self._labels).set(float(value))
-        self._step.labels(**self._labels).set(step)
         self._reports.inc()
         self._sample()
 

@@ -13,7 +13,13 @@ else the embedded store `<project>/mlflow.db` with artifacts in `<project>/mlrun
 source checkout when running from one, else the current folder); `make mlflow-ui` shows it.
 
 Retries are safe: a stage run is found again by its parent and stage, the parent by the
-pipeline run id, so a KFP retry adds no run.
+pipeline run id (tags, never names), so a KFP retry adds no run.
+
+What a person sees: a parent run is named after what it is (`run_name`: the KFP run's name, a
+bench row and seed such as `cdsp · s0`), each stage run after its parent (`cdsp · s0 /
+train_segmenter`) and holds its stage's settings as params; curves have step = epoch (1..n);
+the headline results (`headline`: miou, pixel_acc, iou_<class>, pseudo_miou) are logged on the
+parent too, so the runs table and the compare view (`compare_url`) show them.
 
 When the server is unreachable: per-step metrics (`log_metrics`, `MetricsLogger`) never
 block or fail training; they are buffered and sent from a background thread, retried with
@@ -57,6 +63,11 @@ TAG_STAGE = "cdsp.stage"
 TAG_FINGERPRINT = "cdsp.dataset_fingerprint"
 TAG_CODE_VERSION = "cdsp.code_version"
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # the description MLflow's UI shows on an experiment or run
+# MLflow 3's UI opens an experiment of no kind as a GenAI one (a traces overview); ours train models.
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key: a saved runs-table view (`share_view`)
+UI_PORT = 5000  # `make mlflow-ui`'s default port (MLFLOW_UI_PORT)
 
 FLUSH_TIMEOUT_S = 120.0  # how long the end of a stage waits for buffered metrics to reach MLflow
 MAX_BACKOFF_S = 60.0
@@ -229,11 +240,12 @@ def set_tags(client, run_id: str, tags: dict[str, str]) -> None:
 # --- runs -----------------------------------------------------------------------------------
 
 def start_pipeline_run(pipeline_run_id: str = "", *, experiment: str = DEFAULT_EXPERIMENT, fingerprint: str = "",
-                       params: dict | None = None, **tags: object) -> str:
-    """The parent run of a pipeline run (found again on a retry); returns its run id.
+                       params: dict | None = None, run_name: str = "", **tags: object) -> str:
+    """The parent run of a pipeline run (found again on a retry, by its tags); returns its run id.
 
-    Tagged with the pipeline run id (a new `local-...` id when empty), the dataset
-    fingerprint, the code version and `cdsp.<key>` for each extra keyword (e.g. data_uri).
+    Named `run_name` (what people read in MLflow's runs table: the KFP run's name, `cdsp · s0`),
+    else the pipeline run id. Tagged with the pipeline run id (a new `local-...` id when empty),
+    the dataset fingerprint, the code version and `cdsp.<key>` for each extra keyword (e.g. data_uri).
     """
     pipeline_run_id = _check_id(pipeline_run_id or f"local-{uuid.uuid4().hex[:12]}", "pipeline run id")
     run_tags = {TAG_PIPELINE_RUN: pipeline_run_id, TAG_CODE_VERSION: code_version(),
@@ -245,8 +257,11 @@ def start_pipeline_run(pipeline_run_id: str = "", *, experiment: str = DEFAULT_E
     client = mlflow_client()
     with recording(f"the parent run of pipeline run {pipeline_run_id}"):
         experiment_id = _experiment_id(client, experiment)
+        name = run_name.strip()[:250] or pipeline_run_id
         run_id = _find_or_create_run(client, experiment_id, {TAG_PIPELINE_RUN: pipeline_run_id,
-                                                             TAG_STAGE: PIPELINE_STAGE}, run_tags, pipeline_run_id)
+                                                             TAG_STAGE: PIPELINE_STAGE}, run_tags, name)
+        if client.get_run(run_id).info.run_name != name:  # a run named by an older version
+            client.update_run(run_id, name=name)
         set_tags(client, run_id, run_tags)
         _log_params(client, run_id, params)
     log.info("MLflow: pipeline run %s is run %s in experiment %r at %s", pipeline_run_id, run_id, experiment,
@@ -254,18 +269,27 @@ def start_pipeline_run(pipeline_run_id: str = "", *, experiment: str = DEFAULT_E
     return run_id
 
 
-_active: list[tuple[str, MetricsLogger]] = []  # the open stage runs, innermost last
+# the open stage runs, innermost last: (run id, its metrics logger, the parent's logger or None)
+_active: list[tuple[str, MetricsLogger, MetricsLogger | None]] = []
+
+
+def stage_run_name(parent_name: str, stage: str) -> str:
+    """`cdsp · s0 / train_segmenter`: MLflow's compare view and charts label a run by its name alone."""
+    return f"{parent_name} / {stage}"
 
 
 @contextlib.contextmanager
-def stage_run(parent_run_id: str, stage: str, params: dict | None = None) -> Iterator[str]:
-    """A nested run for one stage of the pipeline run `parent_run_id`; yields its run id.
+def stage_run(parent_run_id: str, stage: str, params: dict | None = None, *,
+              curves_on_parent: bool = False) -> Iterator[str]:
+    """A nested run for one stage of the pipeline run `parent_run_id`, named `<parent's name> /
+    <stage>` and holding `params` (the stage's settings); yields its run id.
 
     Found again (not duplicated) when a retried step enters it again. The stage's params
     are also added to the parent, so that the parent holds the whole config. Inside,
-    `log_metrics` goes to this run without ever blocking; at the end the buffered metrics
-    are flushed, and the run (and its parent) marked FINISHED, or FAILED on an exception
-    (KILLED when interrupted or preempted).
+    `log_metrics` goes to this run without ever blocking, and with `curves_on_parent` to the
+    parent as well (a bench run is one training: its parent is the run people click and
+    compare); at the end the buffered metrics are flushed, and the run (and its parent) marked
+    FINISHED, or FAILED on an exception (KILLED when interrupted or preempted).
     """
     _check_id(parent_run_id, "MLflow parent run id")
     _check_id(stage, "stage name")
@@ -274,26 +298,38 @@ def stage_run(parent_run_id: str, stage: str, params: dict | None = None) -> Ite
         parent = client.get_run(parent_run_id)
         inherited = {k: v for k, v in parent.data.tags.items()
                      if k in (TAG_PIPELINE_RUN, TAG_FINGERPRINT, TAG_CODE_VERSION, "mlflow.source.git.commit")}
+        name = stage_run_name(parent.info.run_name or parent_run_id, stage)
         run_id = _find_or_create_run(client, parent.info.experiment_id, {PARENT_TAG: parent_run_id, TAG_STAGE: stage},
-                                     inherited, stage)
-        client.update_run(run_id, status="RUNNING")
+                                     inherited, name)
+        client.update_run(run_id, status="RUNNING", name=name)
         client.update_run(parent_run_id, status="RUNNING")
         _log_params(client, run_id, params)
         _log_params(client, parent_run_id, params)
     logger = MetricsLogger(run_id)
-    _active.append((run_id, logger))
+    on_parent = MetricsLogger(parent_run_id) if curves_on_parent else None
+    entry = (run_id, logger, on_parent)
+    loggers = [lg for lg in (logger, on_parent) if lg is not None]
+    _active.append(entry)
     try:
         yield run_id
     except BaseException as e:
-        _active.remove((run_id, logger))
-        logger.close(timeout=5.0, check=False)
+        _active.remove(entry)
+        for lg in loggers:
+            lg.close(timeout=5.0, check=False)
         status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"  # e.g. preempted
         with contextlib.suppress(Exception):  # best effort: the stage's own error is what matters
             client.set_terminated(run_id, status)
             client.set_terminated(parent_run_id, status)
         raise
-    _active.remove((run_id, logger))
-    logger.close()
+    _active.remove(entry)
+    unsent = []
+    for lg in loggers:  # each gets its chance to send, whatever the other's fate
+        try:
+            lg.close()
+        except CdspError as e:
+            unsent.append(e)
+    if unsent:
+        raise unsent[0]
     with recording(f"the end of stage {stage}"):
         client.set_terminated(run_id, "FINISHED")
         client.set_terminated(parent_run_id, "FINISHED")
@@ -436,10 +472,14 @@ class MetricsLogger:
 
 
 def log_metrics(metrics: dict, step: int) -> None:
-    """`on_metrics` callback for the open stage run: queued, never blocks (see MetricsLogger)."""
+    """`on_metrics` callback for the open stage run (training calls it once per epoch, step = the
+    epoch, 1..n): queued, never blocks (see MetricsLogger)."""
     if not _active:
         raise CdspError("no MLflow stage run is open: call this inside `with tracking.stage_run(...)`")
-    _active[-1][1](metrics, step)
+    _, logger, on_parent = _active[-1]
+    logger(metrics, step)
+    if on_parent is not None:
+        on_parent(metrics, step)
 
 
 # --- final recording ------------------------------------------------------------------------
@@ -456,6 +496,15 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
         elif isinstance(value, (int, float)):
             out[key] = float(value)
     return out
+
+
+HEADLINE = ("miou", "pixel_acc", "pseudo_miou")  # with iou_<class>: what runs are compared by
+
+
+def headline(metrics: dict) -> dict[str, float]:
+    """The results a run is compared by, flattened: `miou`, `pixel_acc`, `iou_<class>`, `pseudo_miou`
+    (fractions in [0, 1]). Stages log them on their parent too, where the runs table shows them."""
+    return {k: v for k, v in flat_metrics(metrics).items() if k in HEADLINE or k.startswith("iou_")}
 
 
 def log_final_metrics(metrics: dict, run_id: str | None = None, step: int = 0) -> dict[str, float]:
@@ -525,3 +574,74 @@ def log_evaluation(eval_dir: str | os.PathLike, run_id: str | None = None,
         files += [p for p in (folder / "report.md", folder / "overlays") if p.exists()]
         log_artifacts(*files, run_id=run_id)
     return flat
+
+
+# --- what people read in the UI -------------------------------------------------------------
+
+def describe_experiment(experiment: str, text: str) -> str:
+    """Set the experiment's description (what MLflow's UI shows above its runs); its id."""
+    client = mlflow_client()
+    with recording(f"the description of experiment {experiment}"):
+        experiment_id = _experiment_id(client, experiment)
+        tags = client.get_experiment(experiment_id).tags
+        if tags.get(NOTE_TAG) != text:
+            client.set_experiment_tag(experiment_id, NOTE_TAG, text)
+        if tags.get(KIND_TAG) != TRAINING_KIND:
+            client.set_experiment_tag(experiment_id, KIND_TAG, TRAINING_KIND)
+    return experiment_id
+
+
+def share_view(experiment_id: str, key: str, columns: list[str], *, order_by: str = "", search: str = "") -> str:
+    """A saved view of the experiment's runs table (MLflow's "shared view": an experiment tag the UI reads
+    from `?viewStateShareKey=`): these columns (`metrics.miou`, `params.bench_run`) shown, sorted by
+    `order_by` (descending), runs matching `search`. Its address, so that a link opens the runs with
+    their results as columns rather than none of 90 picked."""
+    def column(name: str) -> str:
+        kind, _, field = name.partition(".")
+        return f"{kind}.`{field}`"  # the UI's column ids
+
+    state = {"selectedColumns": [column(c) for c in columns], "runsExpanded": {}}
+    if order_by:
+        state.update(orderByKey=column(order_by), orderByAsc=False)
+    if search:
+        state["searchFilter"] = search
+    client = mlflow_client()
+    with recording(f"the runs-table view {key} of experiment {experiment_id}"):
+        client.set_experiment_tag(experiment_id, f"{SHARED_VIEW_TAG}{key}", json.dumps(state))
+    return ui_url(f"experiments/{experiment_id}/runs?viewStateShareKey={urllib.parse.quote(key)}")[0]
+
+
+def ui_address() -> tuple[str, str]:
+    """The address of the MLflow UI for `tracking_uri()`, and a note when it has to be started first.
+
+    A tracking server (http/https) is its own UI. A database or folder store has none: the
+    address is where `make mlflow-ui` serves the project's store (or where `mlflow server` does
+    for another store), and the note says which command to run.
+    """
+    uri = tracking_uri()
+    if urllib.parse.urlsplit(uri).scheme in ("http", "https"):
+        return redact(uri).rstrip("/"), ""
+    port = os.environ.get("MLFLOW_UI_PORT", "").strip() or str(UI_PORT)
+    address = f"http://127.0.0.1:{port}"
+    if uri == f"sqlite:///{project_dir() / 'mlflow.db'}":
+        return address, f"the runs are in {uri}, not on a server: start the UI with `make mlflow-ui` first"
+    return address, (f"the runs are in {redact(uri)}, not on a server: start the UI with "
+                     f"`mlflow server --host 127.0.0.1 --port {port} --backend-store-uri {redact(uri)}` first")
+
+
+def compare_url(run_ids: list[str], experiment_ids: list[str]) -> tuple[str, str]:
+    """MLflow's compare page for these runs (their params side by side, differing ones marked, and
+    every metric), and `ui_address`'s note. The route and its JSON query are the UI's own
+    (mlflow/server/js: `getCompareRunPageRoute`), percent-encoded so that terminals keep the link whole."""
+    query = urllib.parse.urlencode({"runs": json.dumps(list(run_ids), separators=(",", ":")),
+                                    "experiments": json.dumps(list(dict.fromkeys(experiment_ids)),
+                                                              separators=(",", ":"))},
+                                   quote_via=urllib.parse.quote)
+    return ui_url(f"compare-runs?{query}")
+
+
+def ui_url(route: str) -> tuple[str, str]:
+    """The address of a page of the MLflow UI (`route`: `compare-runs?...`, `experiments/1`), and
+    `ui_address`'s note."""
+    address, note = ui_address()
+    return report.mlflow_ui_url(address, route), note

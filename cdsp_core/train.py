@@ -50,7 +50,7 @@ from cdsp_core.transforms import train_transform
 
 log = logging.getLogger("cdsp.train")
 
-MetricsCallback = Callable[[dict[str, float], int], None]
+MetricsCallback = Callable[[dict[str, float], int], None]  # (one epoch's metrics, that epoch: 1..n)
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 CLS_MOMENTUM = 0.9
@@ -422,7 +422,7 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
                             ckpt_path, epoch + 1, e.iteration)
                 raise SystemExit(EXIT_PREEMPTED) from None
             skip = sampler.skip = 0
-            metrics.update(epoch=epoch + 1, lr=lr_now)
+            metrics.update(epoch=epoch + 1, lr=lr_now, step=step)
             if validate is not None:
                 metrics["val_miou"] = validate(net, device)
             history.append(metrics)
@@ -430,8 +430,8 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
             if is_main:
                 log.info("epoch %d/%d %s", epoch + 1, epochs,
                          " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
-                if on_metrics is not None:
-                    on_metrics(metrics, step)
+                if on_metrics is not None:  # step = epoch: curves of runs with other batch counts line up
+                    on_metrics(metrics, epoch + 1)
             if stop.requested:  # arrived during validation or checkpointing: the checkpoint is written
                 log.warning("SIGTERM: checkpoint written to %s after epoch %d; exiting", ckpt_path, epoch + 1)
                 raise SystemExit(EXIT_PREEMPTED)
@@ -444,6 +444,17 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
     if world > 1:
         dist.barrier()
     return summary
+
+
+SUMMARY_ONLY = ("best_val_miou", "train_seconds", "epochs")  # summary numbers that are no epoch's
+
+
+def summary_only(summary: dict) -> dict:
+    """The numbers of a training summary that no per-epoch curve holds (`final_<loss>`,
+    `best_val_miou`, `train_seconds`): what a stage records once at its end. The last epoch's
+    own `lr`, `val_miou`, ... are the last point of their curves already; logged again at step 0
+    they would put that point at the start of the curve too."""
+    return {k: v for k, v in summary.items() if k.startswith("final_") or k in SUMMARY_ONLY}
 
 
 def summarize(history: list[dict], seconds: float | None = None) -> dict:

@@ -81,6 +81,7 @@ class Component:
 
 
 PIPELINE_RUN_ID = Param("pipeline_run_id", "str", "", "the KFP run id (labels MLflow runs and Prometheus metrics)")
+PIPELINE_RUN_NAME = Param("pipeline_run_name", "str", "", "the KFP run's name (names the MLflow run; default: the id)")
 MLFLOW_RUN_ID = Param("mlflow_run_id", "str", "", "MLflow parent run of this pipeline run (from data prep)")
 FINGERPRINT = Param("fingerprint", "str", "", "data fingerprint of the prepared dataset (from data prep)")
 MODEL_VERSION = Param("model_version", "str", "", "registered MLflow model version of the segmenter")
@@ -98,7 +99,7 @@ COMPONENTS = (
         "Returns True when the data holds scribbles the champion model was not trained on (or force_train).",
         artifacts=(("prepared", "Output[Dataset]"), ("data_report", "Output[Markdown]"),
                    ("fingerprint", "OutputPath(str)"), ("mlflow_run_id", "OutputPath(str)")),
-        inputs=(PIPELINE_RUN_ID,),
+        inputs=(PIPELINE_RUN_ID, PIPELINE_RUN_NAME),
         settings=("data_uri", "scribble_dir", "split_dir", "force_train", "cls_gpus", "gpus"),
         config=None, returns="bool", step="data_prep_step"),
     Component(

@@ -16,6 +16,7 @@ def data_prep(
     fingerprint: OutputPath(str),
     mlflow_run_id: OutputPath(str),
     pipeline_run_id: str = "",
+    pipeline_run_name: str = "",
     data_uri: str = "",
     scribble_dir: str = "pascal_2012_scribble",
     split_dir: str = "",
@@ -30,6 +31,7 @@ def data_prep(
 
     Args:
         pipeline_run_id: the KFP run id (labels MLflow runs and Prometheus metrics)
+        pipeline_run_name: the KFP run's name (names the MLflow run; default: the id)
         data_uri: dataset root in the VOC layout: a local path or s3://bucket/prefix
         scribble_dir: folder of scribble PNGs under the dataset root
         split_dir: folder of the train/val lists under the dataset root (empty: found automatically)
@@ -45,6 +47,7 @@ def data_prep(
         fingerprint=fingerprint,
         mlflow_run_id=mlflow_run_id,
         pipeline_run_id=pipeline_run_id,
+        pipeline_run_name=pipeline_run_name,
         data_uri=data_uri,
         scribble_dir=scribble_dir,
         split_dir=split_dir,

@@ -6,8 +6,10 @@ Each step takes kfp's artifact objects, the plain inputs and its stage's typed c
 returns what the component returns. kfp's executor has already sent INFO logging to stdout.
 
 Tracking: data prep opens the MLflow parent run of the pipeline run (found again on a retry,
-by the KFP run id) and every stage records a nested run; training metrics go to MLflow and,
-when PUSHGATEWAY_URL is set, to Prometheus, through one `on_metrics` callback.
+by the KFP run id; named after the KFP run) and every stage records a nested run with its
+settings as params; training metrics go to MLflow (per epoch) and, when PUSHGATEWAY_URL is set,
+to Prometheus, through one `on_metrics` callback. The headline results (`tracking.headline`:
+pseudo-label and val mIoU, pixel accuracy, per-class IoU) go on the parent run too.
 
 The modules that import torch (train, pseudolabel, evaluate) are imported in the steps that
 use them: data prep needs no torch.
@@ -35,10 +37,24 @@ from cdsp_core.telemetry import MetricsCallback
 
 log = logging.getLogger("cdsp.pipeline")
 
+EXPERIMENT_NOTE = """\
+The CDSP pipeline (scribble-supervised segmentation): one run per pipeline run, named after the KFP run,
+with a nested run per stage (`<run> / data_prep`, `/ train_classifier`, `/ pseudo_label`, `/ train_segmenter`,
+`/ evaluate`) holding that stage's settings as params.
+
+- On the pipeline run itself: `miou`, `pixel_acc` and `iou_<class>` on the val split, `pseudo_miou` (the
+  pseudo-labels against ground truth), `promoted` (1 when the model became the champion), the data counts;
+  every setting as a param. mIoU, pixel accuracy and IoU are fractions in [0, 1] (0.62 = 62 %).
+- Training curves (step = epoch 1..n: `loss`, each `loss_<term>`, `lr`, `images_per_sec`, `val_miou`) are on
+  `<run> / train_segmenter` (and `/ train_classifier`); the evaluation's plots and overlays on `<run> / evaluate`.
+- To compare models: select runs, then Compare (differing params are highlighted), or the Chart view.
+- The models: registered model `cdsp-segmenter`; alias `champion` is the best mIoU on the same val split.
+"""
+
 
 def data_prep_step(prepared: Dataset, data_report: Markdown, fingerprint: str, mlflow_run_id: str, *,
                    pipeline_run_id: str, data_uri: str, scribble_dir: str, split_dir: str, force_train: bool,
-                   cls_gpus: str, gpus: str) -> bool:
+                   cls_gpus: str, gpus: str, pipeline_run_name: str = "") -> bool:
     """Prepare the data; True when the training steps should run. `fingerprint` and `mlflow_run_id`
     are the files kfp reads those two outputs from.
 
@@ -82,8 +98,9 @@ def data_prep_step(prepared: Dataset, data_report: Markdown, fingerprint: str, m
               **{f"data_{kind}": sum(map(len, changes[kind].values())) for kind in ("added", "changed", "removed")},
               **{f"new_scribble_pixels_{tracking.snake(c)}": n for c, n in changes["new_scribble_pixels"].items()},
               **{f"data_{k}": v for k, v in cost.items()}}
-    run_id = tracking.start_pipeline_run(pipeline_run_id, fingerprint=fp, data_uri=data_uri, decision=decision,
-                                         data_since=changes["since"] or "")
+    tracking.describe_experiment(tracking.DEFAULT_EXPERIMENT, EXPERIMENT_NOTE)
+    run_id = tracking.start_pipeline_run(pipeline_run_id, fingerprint=fp, run_name=pipeline_run_name,
+                                         data_uri=data_uri, decision=decision, data_since=changes["since"] or "")
     tracking.log_dict(changes, "data_changes.json", run_id=run_id)  # on the parent run: what this run brought
     tracking.log_final_metrics(counts, run_id=run_id)
     with tracking.stage_run(run_id, "data_prep", {"data_uri": data_uri, "scribble_dir": scribble_dir,
@@ -145,7 +162,7 @@ def train_classifier_step(prepared: Dataset, classifier: Model, classifier_metri
         with stage_run(mlflow_run_id, pipeline_run_id, "train_classifier", params) as on_metrics:
             summary = train.train_classifier(data_dir, classifier.path, cfg, device=device, seed=seed, resume=resume,
                                              on_metrics=on_metrics, on_checkpoint=mirror.upload)
-            tracking.log_final_metrics(summary)
+            tracking.log_final_metrics(train.summary_only(summary))
     mirror.clear()
     kfp_metrics(classifier_metrics, summary)
     classifier.metadata.update({"trained": True, "backbone": cfg.cls_backbone})
@@ -164,12 +181,15 @@ def pseudo_label_step(prepared: Dataset, classifier: Model, pseudo_labels: Datas
                                            classifier_dir=None if external_pseudo_uri else classifier.path,
                                            external_pseudo=external_pseudo_uri or None)
         tracking.log_final_metrics(summary)
+        tracking.log_final_metrics(tracking.headline(summary), run_id=mlflow_run_id)  # pseudo_miou
     kfp_metrics(pseudo_metrics, summary)
 
 
 def train_segmenter_step(prepared: Dataset, pseudo_labels: Dataset, model: Model, train_metrics: Metrics, *,
                          mlflow_run_id: str, pipeline_run_id: str, gpus: str, cfg: config.SegTrainConfig) -> str:
     """Train, then register the model in MLflow; the registered version."""
+    from cdsp_core import train
+
     n_gpus = gpu_count("gpus", gpus)
     params = {**config.to_dict(cfg), "gpus": n_gpus}
     with datastore.checked_out(prepared.path) as data_dir:
@@ -180,7 +200,7 @@ def train_segmenter_step(prepared: Dataset, pseudo_labels: Dataset, model: Model
             summary = fit_segmenter(data_dir, pseudo_labels.path, model.path, cfg, n_gpus=n_gpus, resume=resume,
                                     mirror=mirror, on_metrics=on_metrics)
             version = registry.log_segmenter(model.path)
-            tracking.log_final_metrics(summary)
+            tracking.log_final_metrics(train.summary_only(summary))
     mirror.clear()  # only now: a retry after training but before registration resumes at the last epoch
     kfp_metrics(train_metrics, summary)
     model.metadata.update({"segmenter": cfg.segmenter, "backbone": cfg.backbone, "mlflow_model_version": version})
@@ -227,6 +247,8 @@ def evaluate_step(prepared: Dataset, model: Model, metrics: Metrics, report: HTM
                                               fingerprint=fingerprint, champion_miou=champion_miou,
                                               veto=evaluate.promotion_veto(result))
         tracking.log_final_metrics({"promoted": float(decision["promoted"])})  # the rest went with log_evaluation
+        tracking.log_final_metrics({**tracking.headline(result), "promoted": float(decision["promoted"])},
+                                   run_id=mlflow_run_id)
         run_id = tracking.active_run_id()
         with tracking.recording(f"(reading) the experiment of run {run_id}"):
             experiment_id = tracking.mlflow_client().get_run(run_id).info.experiment_id

@@ -23,20 +23,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.parse
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the tests' MLflow server (tests/services.py)
 
+from PIL import Image  # noqa: E402
 from services import mlflow_server  # noqa: E402
 
 from cdsp_core import registry, tracking  # noqa: E402
-from cdsp_core.config import BenchConfig  # noqa: E402
 
 UI_HOST = "mlflow.test"  # resolved to 127.0.0.1 by Chromium's --host-resolver-rules
 BENCH_ROWS = "scribble-only,cdsp"
 SIZE = (1280, 860)
+TALL = (1280, 2350)  # the compare page: its params and metrics tables come below a plot
 
 
 def run(argv: list[str], env: dict[str, str], log: Path) -> None:
@@ -46,8 +46,8 @@ def run(argv: list[str], env: dict[str, str], log: Path) -> None:
         raise SystemExit(f"{' '.join(argv[:4])} failed ({done.returncode}); its log: {log}")
 
 
-def fill_store(tracking_uri: str, work: Path, *, n_train: int = 60, n_val: int = 20, size: int = 64,
-               epochs: int = 4) -> dict:
+def fill_store(tracking_uri: str, work: Path, *, n_train: int = 100, n_val: int = 20, size: int = 64,
+               epochs: int = 8) -> dict:
     """A small bench and a small demo into the MLflow server at `tracking_uri`; what they made."""
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "2"}
@@ -64,26 +64,25 @@ def fill_store(tracking_uri: str, work: Path, *, n_train: int = 60, n_val: int =
         env, work / "demo.log")
 
     client = tracking.mlflow_client()
-    bench_exp = client.get_experiment_by_name(BenchConfig().bench_experiment)
     pipeline_exp = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
-    top = client.search_runs([bench_exp.experiment_id], f"tags.{tracking.TAG_STAGE} = '{tracking.PIPELINE_STAGE}'")
-    evaluate = client.search_runs([pipeline_exp.experiment_id], f"tags.{tracking.TAG_STAGE} = 'evaluate'")[0]
-    version = client.get_latest_versions(registry.MODEL_NAME)[0] if client.search_registered_models() else None
-    return {"bench_experiment": bench_exp.experiment_id, "pipeline_experiment": pipeline_exp.experiment_id,
-            "bench_runs": {r.info.run_name: r.info.run_id for r in top},
-            "bench_log": (work / "bench.log").read_text(errors="replace"),
-            "evaluate_run": evaluate.info.run_id, "model_version": version.version if version else None}
+    evaluate = client.search_runs([pipeline_exp.experiment_id], f"tags.`{tracking.TAG_STAGE}` = 'evaluate'")[0]
+    version = client.search_model_versions(f"name='{registry.MODEL_NAME}'")[0]
+    return {"bench": json.loads((work / "bench" / "results.json").read_text())["mlflow"],
+            "bench_output": (work / "bench.log").read_text(errors="replace"),
+            "pipeline_experiment": pipeline_exp.experiment_id, "evaluate_run": evaluate.info.run_id,
+            "model_version": version.version}
 
 
-def shoot(url: str, path: Path, profile: Path, port: int) -> None:
+def shoot(url: str, path: Path, profile: Path, size: tuple[int, int]) -> None:
     """One screenshot of `url` (its JavaScript given 20 s of virtual time to render)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         raise SystemExit("chromium not found: apt-get install chromium (Debian)")
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     f"--user-data-dir={profile}", f"--host-resolver-rules=MAP {UI_HOST} 127.0.0.1",
-                    f"--window-size={SIZE[0]},{SIZE[1]}", "--virtual-time-budget=20000",
+                    f"--window-size={size[0]},{size[1]}", "--virtual-time-budget=20000",
                     f"--screenshot={path}", url], check=True, capture_output=True, timeout=120)
+    Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)  # a third of the bytes
     print(f"{path} <- {url}")
 
 
@@ -99,21 +98,17 @@ def main() -> int:
         with mlflow_server(work / "mlflow", ui_host=UI_HOST) as server:
             os.environ["MLFLOW_TRACKING_URI"] = server.url
             made = fill_store(server.url, work)
-            ui = f"http://{UI_HOST}:{server.port}/#"
-            runs = list(made["bench_runs"].values())
-            compare = urllib.parse.quote(json.dumps(runs), safe="")
-            pages = {
-                "mlflow-runs.png": tracking.bench_view_url(ui, made["bench_experiment"]),
-                "mlflow-compare.png": f"{ui}/compare-runs?runs={compare}&experiments="
-                                      f"{urllib.parse.quote(json.dumps([made['bench_experiment']]), safe='')}",
-                "mlflow-artifacts.png": f"{ui}/experiments/{made['pipeline_experiment']}/runs/"
-                                        f"{made['evaluate_run']}/artifacts",
-                "mlflow-registry.png": f"{ui}/models/{registry.MODEL_NAME}"
-                                       + (f"/versions/{made['model_version']}" if made["model_version"] else ""),
+            ui = f"http://{UI_HOST}:{server.port}"
+            pages = {  # the links the bench printed, and two more pages
+                "mlflow-runs.png": made["bench"]["runs_url"].replace(server.url, ui),
+                "mlflow-compare.png": made["bench"]["compare_url"].replace(server.url, ui),
+                "mlflow-artifacts.png": f"{ui}/#/experiments/{made['pipeline_experiment']}/runs/"
+                                        f"{made['evaluate_run']}/artifacts/overlays/val_00000.png",
+                "mlflow-registry.png": f"{ui}/#/models/{registry.MODEL_NAME}/versions/{made['model_version']}",
             }
             profile = work / "chromium"
             for name, url in pages.items():
-                shoot(url, out / name, profile, server.port)
+                shoot(url, out / name, profile, TALL if name == "mlflow-compare.png" else SIZE)
     return 0
 
 

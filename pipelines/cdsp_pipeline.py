@@ -177,7 +177,8 @@ def build_pipeline(cluster: config.ClusterConfig | None = None):
 
         run = dict(pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         # Never cached: the data under data_uri may change while the URI stays the same.
-        prep = step(stages.data_prep, "data-prep", cache=False, **run)
+        prep = step(stages.data_prep, "data-prep", cache=False, pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                    **run)
         keep_data_in_store(prep, cluster)
         prepared = prep.outputs["prepared"]
         run["mlflow_run_id"] = prep.outputs["mlflow_run_id"]

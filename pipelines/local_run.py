@@ -158,7 +158,7 @@ def run(arguments: dict, out_dir: str | os.PathLike) -> dict:
     return result
 
 
-def summary_text(result: dict, tracking_uri: str) -> str:
+def summary_text(result: dict) -> str:
     lines = [""]
     if result["trained"]:
         m = result["metrics"]
@@ -176,12 +176,10 @@ def summary_text(result: dict, tracking_uri: str) -> str:
         lines += [f"  model:                              {result['model_dir']}",
                   f"  evaluation (metrics, overlays):     {result['evaluation_dir']}",
                   f"  its report, for a browser:          {result['evaluation_dir']}/report.html"]
-    if tracking_uri == f"sqlite:///{tracking.project_dir() / 'mlflow.db'}":
-        lines += ["  MLflow UI:  make mlflow-ui, then http://127.0.0.1:5000 (experiment 'cdsp', model cdsp-segmenter)"]
-    elif tracking_uri.startswith("sqlite:"):
-        lines += [f"  MLflow UI:  mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000"]
-    else:
-        lines += [f"  MLflow:     {redact(tracking_uri)} (experiment 'cdsp', model cdsp-segmenter)"]
+    address, note = tracking.ui_address()
+    lines += [f"  MLflow UI:  {address} (experiment 'cdsp', model cdsp-segmenter)"]
+    if note:
+        lines += [f"              ({note})"]
     if os.environ.get("PUSHGATEWAY_URL"):
         lines += [f"  Prometheus: metrics pushed to {redact(os.environ['PUSHGATEWAY_URL'])} (cdsp_* series)"]
     return "\n".join(lines)
@@ -217,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     except CdspError as e:
         print(f"local_run: error: {e}", file=sys.stderr)
         return 2
-    print(summary_text(result, tracking.tracking_uri()))
+    print(summary_text(result))
     print(f"\nThe local pipeline run took {time.time() - started:.0f} s.")
     return 0
 

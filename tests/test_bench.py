@@ -50,6 +50,7 @@ def test_tiny_bench_writes_results_logs_mlflow_and_resumes(tmp_path, monkeypatch
     out = tmp_path / "bench"
     argv = ["bench", "--data", str(data), "--out", str(out), "--runs", RUNS, "--seeds", "2", *TINY]
     assert cli.main([*argv, "--jobs", "2"]) == 0  # two runs at a time, in worker processes
+    printed = capsys.readouterr().out
 
     results = json.loads((out / "results.json").read_text())
     rows = results["runs"]
@@ -75,11 +76,14 @@ def test_tiny_bench_writes_results_logs_mlflow_and_resumes(tmp_path, monkeypatch
     assert 0.0 <= results["stage1"]["clean"]["pseudo_miou"] <= 1.0
     assert by_name["cdsp"]["pseudo_miou"] == results["stage1"]["clean"]["pseudo_miou"]
     assert [c["target"] for c in results["checks"]] == ["cdsp >= scribble-only + 0.03 mIoU"]
-    # The training view of drop(0.5): degraded scribbles, train split only; the originals untouched.
+    # The training view of drop(0.5): degraded scribbles, the train split and the first val images
+    # (the per-epoch val_miou curve: --curve-val-images, 20 by default); the originals untouched.
     view = out / "data" / "drop0.5"
     assert json.loads((view / "manifest.json").read_text()) == {"scribble_dir": "scribbles_drop0.5",
                                                                 "split_dir": "bench_splits"}
-    assert [p.name for p in (view / "bench_splits").iterdir()] == ["train.txt"]
+    assert sorted(p.name for p in (view / "bench_splits").iterdir()) == ["train.txt", "val.txt"]
+    all_val = (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    assert (view / "bench_splits" / "val.txt").read_text().split() == all_val[:20]
     assert len(list((view / "scribbles_drop0.5").glob("*.png"))) == 6
     assert {p.name: p.read_bytes() for p in (data / "pascal_2012_scribble").iterdir()} == original
 
@@ -96,6 +100,12 @@ def test_tiny_bench_writes_results_logs_mlflow_and_resumes(tmp_path, monkeypatch
     per_run = {(x.data.tags["cdsp.bench_run"], x.data.tags["cdsp.seed"]): x for x in logged
                if x.data.tags.get("cdsp.bench_run") != "summary"}
     assert set(per_run) == {(n, s) for n in RUNS.split(",") for s in ("0", "1")}
+    assert all(x.info.run_name == f"{n} · s{s}" for (n, s), x in per_run.items())
+    # The compare page of those runs; the store is a database, not a server: the UI's address, and how to start it.
+    line = next(x for x in printed.splitlines() if x.startswith("compare in MLflow"))
+    assert line.startswith("compare in MLflow (6 runs): http://127.0.0.1:5000/#/compare-runs?runs=")
+    assert all(x.info.run_id in line for x in per_run.values())
+    assert f"(the runs are in {uri}, not on a server: start the UI with `mlflow server" in printed
     x = per_run["cdsp", "1"]
     assert x.data.metrics["miou"] == pytest.approx(by_name["cdsp"]["miou"]["per_seed"][1])
     assert x.data.params["l_lorm"] == "1.0" and per_run["scribble-only", "0"].data.params["l_lorm"] == "0.0"

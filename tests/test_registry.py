@@ -64,7 +64,7 @@ def test_registry_promotion_both_ways_and_resolve(mlflow_env, tmp_path, monkeypa
     versions, weights = [], []
     for i, (fingerprint, miou) in enumerate([("fp-a", 0.50), ("fp-b", 0.40)]):
         parent = tracking.start_pipeline_run(f"kfp-reg-{i}-{uuid.uuid4().hex[:4]}", experiment=exp,
-                                             fingerprint=fingerprint)
+                                             fingerprint=fingerprint, run_name=f"nightly {i}")
         if i == 0:  # a tiny stand-in, logged as given
             model, folder = model_folder(tmp_path / f"model{i}", seed=i)
         else:  # the real thing, rebuilt from its folder (model=None) and exported
@@ -73,6 +73,10 @@ def test_registry_promotion_both_ways_and_resolve(mlflow_env, tmp_path, monkeypa
             version = registry.log_segmenter(folder, model=model if i == 0 else None)
             assert registry.log_segmenter(folder) == version  # a retry registers nothing new
         assert len(client.search_model_versions(f"name='{name}' and run_id='{run_id}'")) == 1
+        mv = client.get_model_version(name, version)  # the source run by the name people read
+        assert mv.tags[registry.TAG_SOURCE_RUN_NAME] == f"nightly {i} / train_segmenter"
+        assert mv.description.startswith("Not evaluated yet.") and f"`nightly {i} / train_segmenter`" in \
+            mv.description
         assert {a.path for a in client.list_artifacts(run_id)} >= {"config.json", "history.json"}
         versions.append(version)
         weights.append(model.state_dict())
@@ -86,6 +90,7 @@ def test_registry_promotion_both_ways_and_resolve(mlflow_env, tmp_path, monkeypa
             mv = client.get_model_version(name, version)
             assert mv.tags[registry.TAG_DECISION] == "kept" and "does not beat" in mv.description
     assert versions == ["1", "2"]
+    assert client.get_registered_model(name).description == registry.MODEL_DESCRIPTION
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     # Evaluated again (say, after a fix to the evaluation), version 2 now beats the champion.
     decision = registry.promote_if_better("2", 0.60, val_split="val-1", fingerprint="fp-b")
@@ -105,6 +110,16 @@ def test_registry_promotion_both_ways_and_resolve(mlflow_env, tmp_path, monkeypa
     assert not other["promoted"] and "0.6500 does not beat champion version 2 (0.7000) on val split val-2" \
         in other["reason"]
     assert registry.champion_info()["val_split"] == "val-2" and registry.champion_info()["miou"] == 0.7
+    # Re-scored, the champion's description says what its tags say (and what it was before), and
+    # the version it beat says the same as its own tags.
+    champion = client.get_model_version(name, "2")
+    assert champion.tags[registry.TAG_MIOU] == "0.700000"
+    assert champion.description.startswith("**Champion**: mIoU 0.7000 on val split val-2.")
+    assert "Re-scored: measured again on val split val-2 when version 1 was evaluated: 0.7000 (was 0.6000 on " \
+           "val split val-1)" in champion.description
+    assert "0.6000 beats champion version 1 (0.5000)" in champion.description  # why it was promoted, then
+    assert client.get_model_version(name, "1").description.startswith(
+        "Not the champion (version 2 is): mIoU 0.6500 on val split val-2.")
     # A model that predicts one class is never promoted, whatever its mIoU, and says so.
     vetoed = registry.promote_if_better("1", 0.99, val_split="val-2", veto="the model predicts a single class: "
                                                                           "background on every pixel")

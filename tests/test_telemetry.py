@@ -51,7 +51,7 @@ def wait_for(check, timeout: float = 10.0):
 def test_pushes_periodically_and_at_the_end(gateway):
     run = "run-push"
     m = telemetry.metrics_callback("train_segmenter", run, push_url=gateway.url, interval=0.5)
-    m({"loss": 0.5, "loss_seg": 0.3, "lr": 0.01, "images_per_sec": 12.5, "epoch": 1}, 10)
+    m({"loss": 0.5, "loss_seg": 0.3, "lr": 0.01, "images_per_sec": 12.5, "epoch": 1, "step": 10}, 1)
     # The background thread pushes without any further call.
     got = wait_for(lambda: (s := scrape(gateway.url)) and value(s, "cdsp_training_loss", pipeline_run=run) and s)
     assert value(got, "cdsp_training_loss", stage="train_segmenter", pipeline_run=run,
@@ -61,12 +61,13 @@ def test_pushes_periodically_and_at_the_end(gateway):
     assert value(got, "cdsp_training_step", pipeline_run=run) == 10
     assert value(got, "cdsp_val_miou_ratio", pipeline_run=run) is None  # not reported yet: absent, not 0
 
-    m({"loss": 0.25, "epoch": 2, "val_miou": 0.61}, 20)
+    m({"loss": 0.25, "epoch": 2, "step": 20, "val_miou": 0.61}, 2)
     time.sleep(0.05)
     assert m.close() is True
     final = scrape(gateway.url)
     assert value(final, "cdsp_training_loss", pipeline_run=run) == 0.25
     assert value(final, "cdsp_training_epoch", pipeline_run=run) == 2
+    assert value(final, "cdsp_training_step", pipeline_run=run) == 20  # the optimizer steps, not the epoch
     assert value(final, "cdsp_val_miou_ratio", pipeline_run=run) == 0.61
     assert value(final, "cdsp_training_reports_total", pipeline_run=run) == 2
     assert value(final, "cdsp_stage_duration_seconds", pipeline_run=run) > 0

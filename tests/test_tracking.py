@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+import urllib.parse
+import urllib.request
 import uuid
 
 import pytest
@@ -58,6 +60,7 @@ def test_runs_params_and_metrics_without_duplicates_on_retry(mlflow_env):
     runs = client.search_runs([exp_id])
     assert len(runs) == 2  # one parent, one stage
     stage = client.get_run(run_id)
+    assert stage.info.run_name == "kfp-run-1 / train_segmenter"  # no run_name given: the pipeline run id
     assert stage.data.tags[tracking.PARENT_TAG] == parent
     assert stage.data.tags[tracking.TAG_STAGE] == "train_segmenter"
     assert stage.data.tags[tracking.TAG_PIPELINE_RUN] == "kfp-run-1"
@@ -76,6 +79,54 @@ def test_runs_params_and_metrics_without_duplicates_on_retry(mlflow_env):
     speed = client.get_metric_history(run_id, "images_per_sec")
     assert sorted((m.step, m.value) for m in speed) == [(10, 10.0), (20, 10.0), (30, 10.0)]
     assert set(stage.data.metrics) >= {"loss", "loss_seg", "lr", "epoch", "images_per_sec", "val_miou"}
+
+
+def test_runs_are_named_curves_go_on_the_parent_too_and_the_compare_page_opens_them(mlflow_env, server,
+                                                                                      monkeypatch):
+    """Names people read (found again by tags, not names), a stage's settings as its params, curves on
+    the parent when asked, the experiment's description, and the compare page's address."""
+    client, exp = mlflow_env, experiment()
+    key = f"bench-{uuid.uuid4().hex[:6]}.cdsp.seed0.abc"
+    parent = tracking.start_pipeline_run(key, experiment=exp, run_name="cdsp · s0", params={"l_lorm": 1.0})
+    assert client.get_run(parent).info.run_name == "cdsp · s0"
+    assert tracking.start_pipeline_run(key, experiment=exp, run_name="cdsp · s0") == parent  # a retry
+    for _attempt in range(2):  # the second is a retry
+        with tracking.stage_run(parent, "train_segmenter", {"lr": 0.1, "epochs": 3},
+                                curves_on_parent=True) as run_id:
+            for epoch in range(1, 4):
+                tracking.log_metrics({"loss": 1.0 / epoch, "val_miou": 0.2 * epoch}, epoch)
+    stage = client.get_run(run_id)
+    assert stage.info.run_name == "cdsp · s0 / train_segmenter"
+    assert stage.data.params["lr"] == "0.1" and stage.data.params["epochs"] == "3"
+    for rid in (run_id, parent):  # one point per epoch on both, the retry added none
+        assert sorted((m.step, m.value) for m in client.get_metric_history(rid, "val_miou")) == [
+            (1, 0.2), (2, 0.4), (3, pytest.approx(0.6))]
+    exp_id = client.get_experiment_by_name(exp).experiment_id
+    assert len(client.search_runs([exp_id])) == 2
+
+    assert tracking.headline({"miou": 0.5, "pixel_acc": 0.9, "per_class_iou": {"potted plant": 0.25},
+                              "pseudo_miou": 0.4, "n_images": 3, "seconds": 7.0}) == {
+        "miou": 0.5, "pixel_acc": 0.9, "iou_potted_plant": 0.25, "pseudo_miou": 0.4}
+    assert tracking.describe_experiment(exp, "what these runs are") == exp_id
+    assert client.get_experiment(exp_id).tags[tracking.NOTE_TAG] == "what these runs are"
+
+    url, note = tracking.compare_url([parent, run_id], [exp_id])
+    assert note == "" and url.startswith(f"{server.url}/#/compare-runs?runs=")
+    # read back as the UI's compare page does: decode, split the query, JSON.parse each value
+    query = urllib.parse.parse_qs(urllib.parse.unquote(url.split("#/compare-runs?", 1)[1]))
+    assert json.loads(query["runs"][0]) == [parent, run_id] and json.loads(query["experiments"][0]) == [exp_id]
+    with urllib.request.urlopen(url.split("#", 1)[0], timeout=10) as r:  # the server serves the UI there
+        assert r.status == 200 and b"<html" in r.read(2000).lower()
+
+    # A store that is not a server: the address of `make mlflow-ui` (or of `mlflow server` for
+    # another store), and a note that says to start it first.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    url, note = tracking.compare_url([parent], [exp_id])
+    assert url.startswith("http://127.0.0.1:5000/#/compare-runs?") and "make mlflow-ui" in note
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////data/other.db")
+    monkeypatch.setenv("MLFLOW_UI_PORT", "5055")
+    url, note = tracking.compare_url([parent], [exp_id])
+    assert url.startswith("http://127.0.0.1:5055/#/") and "--backend-store-uri sqlite:////data/other.db" in note
 
 
 def test_failed_stage_is_marked_failed(mlflow_env):

@@ -134,11 +134,12 @@ def test_sigterm_checkpoints_at_once_and_resume_continues_the_same_run(tiny, tmp
     caplog.set_level(logging.INFO, logger="cdsp.train")
     seen = []
     summary = train_seg(tiny, tmp_path / "straight", l_dc=0.0, on_metrics=lambda m, step: seen.append((m, step)))
-    # the terms in use, and only those, are logged each epoch, with the global step
-    assert [step for _, step in seen] == [2, 4]  # 4 images, batches of 2
+    # the terms in use, and only those, are logged each epoch, at step = the epoch (1..n), with the
+    # optimizer steps done so far
+    assert [step for _, step in seen] == [1, 2] and [m["step"] for m, _ in seen] == [2, 4]  # 4 images, batches of 2
     metrics = seen[0][0]
     assert set(metrics) == {"loss", "loss_seg", "loss_pseudo", "loss_lorm", "loss_ds", "lr", "images_per_sec",
-                            "epoch", "val_miou"}
+                            "epoch", "step", "val_miou"}
     assert metrics["loss"] == pytest.approx(sum(metrics[k] for k in TERMS if k in metrics))
     assert 0 <= metrics["val_miou"] <= 1 and metrics["images_per_sec"] > 0
     assert history(tmp_path / "straight") == [m for m, _ in seen] and summary["epoch"] == 2
