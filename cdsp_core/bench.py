@@ -328,8 +328,10 @@ def compare_runs(experiment: str, bench_id: str, keys: list[str]) -> dict:
     client = tracking.mlflow_client()
     with tracking.recording(f"(reading) the runs of bench {bench_id}"):
         exp = client.get_experiment_by_name(experiment)
-        found = client.search_runs([exp.experiment_id], f"tags.`cdsp.bench` = '{bench_id}' and "
-                                   f"tags.`{tracking.TAG_STAGE}` = '{tracking.PIPELINE_STAGE}'", max_results=5000)
+        # this bench's (run, seed) runs, not its summary run nor the nested stage runs
+        rows = (f"tags.`cdsp.bench` = '{bench_id}' and tags.`cdsp.bench_run` != 'summary' and "
+                f"tags.`{tracking.TAG_STAGE}` = '{tracking.PIPELINE_STAGE}'")
+        found = client.search_runs([exp.experiment_id], rows, max_results=5000)
     by_key = {r.data.tags.get(tracking.TAG_PIPELINE_RUN): r.info.run_id for r in found}
     run_ids = [by_key[k] for k in keys if k in by_key]
     url, note = tracking.compare_url(run_ids, [exp.experiment_id])
@@ -338,8 +340,7 @@ def compare_runs(experiment: str, bench_id: str, keys: list[str]) -> dict:
     view = tracking.share_view(exp.experiment_id, bench_id,
                                ["metrics.miou", "metrics.pixel_acc", "metrics.pseudo_miou", "params.bench_run",
                                 "params.scribbles", "params.seed"], order_by="metrics.miou",
-                               search=f"tags.`cdsp.bench` = '{bench_id}' and tags.`cdsp.bench_run` != 'summary' and "
-                                      f"tags.`{tracking.TAG_STAGE}` = '{tracking.PIPELINE_STAGE}'")  # not the summary
+                               search=rows)
     return {"experiment_id": exp.experiment_id, "run_ids": run_ids, "compare_url": url, "runs_url": view, "note": note}
 
 

@@ -247,8 +247,8 @@ def evaluate_step(prepared: Dataset, model: Model, metrics: Metrics, report: HTM
                                               fingerprint=fingerprint, champion_miou=champion_miou,
                                               veto=evaluate.promotion_veto(result))
         tracking.log_final_metrics({"promoted": float(decision["promoted"])})  # the rest went with log_evaluation
-        tracking.log_final_metrics({**tracking.headline(result), "promoted": float(decision["promoted"])},
-                                   run_id=mlflow_run_id)
+        results = {**tracking.headline(result), "promoted": float(decision["promoted"])}
+        tracking.log_final_metrics(results, run_id=mlflow_run_id)
         run_id = tracking.active_run_id()
         with tracking.recording(f"(reading) the experiment of run {run_id}"):
             experiment_id = tracking.mlflow_client().get_run(run_id).info.experiment_id
@@ -258,9 +258,7 @@ def evaluate_step(prepared: Dataset, model: Model, metrics: Metrics, report: HTM
         html_copy = Path(evaluation.path) / "report.html"  # in MLflow too, which shows HTML artifacts
         atomic_write_text(html_copy, page)
         tracking.log_artifacts(html_copy)
-    kfp_metrics(metrics, {**{k: result[k] for k in ("miou", "pixel_acc")},
-                          **{f"iou_{name}": iou for name, iou in result["per_class_iou"].items()},
-                          "promoted": float(decision["promoted"])})
+    kfp_metrics(metrics, results)  # the same names as in MLflow
     atomic_write_text(report.path, page)
     return bool(decision["promoted"])
 
