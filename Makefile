@@ -26,8 +26,11 @@ $(VENV)/.torch:
 	fi
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e ".[dev]"
+# Every other package at the version the tests last ran with (images/freeze.sh writes the
+# pins; the images install the same ones), so a new release upstream cannot change a fresh
+# clone's environment under it.
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml images/constraints.txt
+	$(PIP) install -q -e ".[dev]" -c images/constraints.txt
 	touch $@
 
 # Services the tests start on 127.0.0.1: Debian's Prometheus Pushgateway (moto's S3
