@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -22,9 +24,6 @@ from cdsp_core.config import EvalConfig, SegTrainConfig
 
 def one(args: tuple) -> tuple[int, float]:
     seed, ns = args
-    import torch
-
-    torch.set_num_threads(ns.threads)
     seg_cfg = config.build(SegTrainConfig, "cpu", {"epochs": ns.epochs})
     eval_cfg = config.build(EvalConfig, "cpu", {"n_overlays": 0})
     root = Path(ns.bench)
@@ -39,16 +38,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bench", required=True, help="a finished cdsp bench folder (its data/ and stage1/)")
     p.add_argument("--data", required=True, help="the bench's dataset root (val split with ground truth)")
-    p.add_argument("--scribbles", required=True, help="the segmenter's scribbles: clean, drop0.5, shrink0.5")
-    p.add_argument("--stage1", required=True, help="whose stage 1 (pseudo-labels, distance maps)")
+    variants = [bench.CLEAN, *bench.VARIANTS]
+    p.add_argument("--scribbles", required=True, choices=variants, help="the segmenter's scribbles")
+    p.add_argument("--stage1", required=True, choices=variants, help="whose stage 1 (pseudo-labels, distance maps)")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per job")
     p.add_argument("--out", default="build/bench/stage1_swap")
     ns = p.parse_args()
     seeds = [int(s) for s in ns.seeds.split(",")]
-    with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    threads = max(1, (os.cpu_count() or 1) // ns.jobs)  # each job its share of the cores, as in cdsp bench
+    with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=bench._worker_init,
+                             initargs=(threads, logging.INFO)) as pool:
         results = dict(pool.map(one, [(s, ns) for s in seeds]))
     print(json.dumps({"scribbles": ns.scribbles, "stage1": ns.stage1, "epochs": ns.epochs,
                       "miou": {str(s): round(m, 4) for s, m in sorted(results.items())}}))
