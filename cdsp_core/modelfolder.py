@@ -50,10 +50,11 @@ def build_model(info: dict) -> nn.Module:
     if info["kind"] == "classifier":
         return models.build_classifier(info["cls_backbone"], n, info["cls_output_stride"],
                                        width=info.get("cls_width", 64))
-    # Models written before output_stride, width and aspp_rates were settings had stride 8, width 64
-    # and the architecture's own rates.
+    # Models written before output_stride, width, aspp_rates and stem_stride were settings had stride 8,
+    # width 64, the architecture's own rates and torchvision's stem.
     return models.build_segmenter(info["segmenter"], info["backbone"], n, output_stride=info.get("output_stride", 8),
-                                  width=info.get("width", 64), aspp_rates=info.get("aspp_rates", ""))
+                                  width=info.get("width", 64), aspp_rates=info.get("aspp_rates", ""),
+                                  stem_stride=info.get("stem_stride", 4))
 
 
 def load(folder: str | Path, device: torch.device | str = "cpu", kind: str | None = None) -> tuple[nn.Module, dict]:

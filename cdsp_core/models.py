@@ -3,7 +3,8 @@
 The ResNets follow torchvision's `resnet.py` module for module, so a torchvision ImageNet
 state dict (e.g. `resnet50-0676ba61.pth`) loads into them with strict=True; torchvision
 itself is not a dependency. Unlike torchvision, BasicBlock also takes a dilation, so
-ResNet-18/34 can run at output stride 8 or 16 too.
+ResNet-18/34 can run at output stride 8 or 16 too, and the stem's max-pool can be left out
+(`stem_stride` 2): small images then keep twice the resolution through layer1 and layer2.
 
 Builders:
     build_classifier(backbone, n_classes, output_stride, pretrained="") -> Classifier
@@ -94,11 +95,15 @@ class ResNet(nn.Module):
     """torchvision's ResNet without its classification top (avgpool, fc): the backbone of the
     classifier and the segmenters, in torchvision's state-dict layout (`load_pretrained`).
 
-    `features(x)` returns (layer1 output at stride 4, layer4 output at the output stride).
+    `features(x)` returns (layer1 output at the stem's stride, layer4 output at the output stride).
+    `stem_stride` 4 is torchvision's stem (7×7 convolution at stride 2, then a 3×3 max-pool at
+    stride 2); 2 leaves the max-pool out. Neither has weights of its own, so ImageNet weights load
+    into both.
     """
 
     def __init__(self, block: type[nn.Module], layers: Sequence[int],
-                 replace_stride_with_dilation: Sequence[bool] = (False, False, False), width: int = 64):
+                 replace_stride_with_dilation: Sequence[bool] = (False, False, False), width: int = 64,
+                 stem_stride: int = 4):
         super().__init__()
         w = width  # channels of the first stage: torchvision's 64; less is a narrow net for CPU-scale runs
         self.inplanes = w
@@ -106,14 +111,14 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, w, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(w)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem_stride == 4 else nn.Identity()
         self.layer1 = self._make_layer(block, w, layers[0])
         self.layer2 = self._make_layer(block, 2 * w, layers[1], stride=2, dilate=replace_stride_with_dilation[0])
         self.layer3 = self._make_layer(block, 4 * w, layers[2], stride=2, dilate=replace_stride_with_dilation[1])
         self.layer4 = self._make_layer(block, 8 * w, layers[3], stride=2, dilate=replace_stride_with_dilation[2])
         self.low_level_channels = w * block.expansion
         self.out_channels = 8 * w * block.expansion
-        self.output_stride = 32 // 2 ** sum(bool(d) for d in replace_stride_with_dilation)
+        self.output_stride = stem_stride * 8 // 2 ** sum(bool(d) for d in replace_stride_with_dilation)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -143,25 +148,34 @@ class ResNet(nn.Module):
         return low, self.layer4(self.layer3(self.layer2(low)))
 
 
-def dilation_for_stride(output_stride: int) -> tuple[bool, bool, bool]:
-    """replace_stride_with_dilation for layer2..layer4 that gives the output stride 8, 16 or 32."""
-    table = {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}
-    if output_stride not in table:
-        raise CdspError(f"output stride must be 8, 16 or 32, got {output_stride}")
-    return table[output_stride]
+STEM_STRIDES = (4, 2)  # torchvision's stem (convolution and max-pool), or the convolution alone
 
 
-def resnet(name: str, output_stride: int = 32, width: int = 64) -> ResNet:
+def dilation_for_stride(output_stride: int, stem_stride: int = 4) -> tuple[bool, bool, bool]:
+    """replace_stride_with_dilation for layer2..layer4 that gives `output_stride` after a stem of
+    `stem_stride`: the first stages keep their stride 2, the later ones dilate instead."""
+    if stem_stride not in STEM_STRIDES:
+        raise CdspError(f"stem stride must be {' or '.join(map(str, STEM_STRIDES))}, got {stem_stride}")
+    strides = {stem_stride * 2 ** k: k for k in (1, 2, 3)}  # output stride -> stages of layer2..4 that keep stride 2
+    if output_stride not in strides:
+        raise CdspError(f"output stride must be {', '.join(map(str, strides))} with stem stride {stem_stride}, "
+                        f"got {output_stride}")
+    kept = strides[output_stride]
+    return tuple(i >= kept for i in range(3))
+
+
+def resnet(name: str, output_stride: int = 32, width: int = 64, stem_stride: int = 4) -> ResNet:
     """ResNet-18/34/50/101/152 by name, e.g. resnet("resnet50", output_stride=8).
 
-    `width` is the first stage's channel count (64: torchvision's, the only one ImageNet weights fit).
+    `width` is the first stage's channel count (64: torchvision's, the only one ImageNet weights fit);
+    `stem_stride` 2 leaves the stem's max-pool out (see ResNet).
     """
     if name not in RESNETS:
         raise CdspError(f"unknown backbone {name!r} (choose from {', '.join(RESNETS)})")
     if width < 1:
         raise CdspError(f"backbone width must be at least 1, got {width}")
     block, layers = RESNETS[name]
-    return ResNet(block, layers, dilation_for_stride(output_stride), width)
+    return ResNet(block, layers, dilation_for_stride(output_stride, stem_stride), width, stem_stride)
 
 
 def _check_width_for_weights(width: int, pretrained: str) -> None:
@@ -318,7 +332,8 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3Plus(nn.Module):
-    """DeepLab-v3+: ASPP (1/6/12/18 + image pooling) on the last map, decoder with the stride-4 layer1 map."""
+    """DeepLab-v3+: ASPP (1/6/12/18 + image pooling) on the last map, decoder with the layer1 map (stride 4, or 2
+    without the stem's max-pool)."""
 
     def __init__(self, backbone: ResNet, n_classes: int, rates: Sequence[int] = (6, 12, 18)):
         super().__init__()
@@ -355,17 +370,18 @@ def parse_rates(text: str) -> tuple[int, ...]:
 
 
 def build_segmenter(name: str, backbone: str, n_classes: int, pretrained: str = "",
-                    output_stride: int = 8, width: int = 64, aspp_rates: str = "") -> nn.Module:
+                    output_stride: int = 8, width: int = 64, aspp_rates: str = "", stem_stride: int = 4) -> nn.Module:
     """DeepLab-v2 ("deeplabv2") or DeepLab-v3+ ("deeplabv3p") on a ResNet at output stride 8 (or 16).
 
     `pretrained` loads torchvision-layout ImageNet weights into the backbone ("" = from scratch).
-    `aspp_rates` ("6,12,18,24") replaces the head's atrous rates ("" = the architecture's own).
+    `aspp_rates` ("6,12,18,24") replaces the head's atrous rates ("" = the architecture's own);
+    `stem_stride` 2 leaves the backbone's max-pool out (ResNet).
     """
     if name not in SEGMENTERS:
         raise CdspError(f"unknown segmenter {name!r} (choose from {', '.join(SEGMENTERS)})")
     _check_width_for_weights(width, pretrained)
     rates = parse_rates(aspp_rates)
-    model = SEGMENTERS[name](resnet(backbone, output_stride, width=width), n_classes,
+    model = SEGMENTERS[name](resnet(backbone, output_stride, width=width, stem_stride=stem_stride), n_classes,
                              **({"rates": rates} if rates else {}))
     if pretrained:
         load_pretrained(model, pretrained)

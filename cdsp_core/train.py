@@ -628,11 +628,11 @@ def train_segmenter(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: Se
                                   target=cfg.seg_target)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     segmenter = models.build_segmenter(cfg.segmenter, cfg.backbone, n, cfg.pretrained, cfg.output_stride,
-                                       cfg.width, cfg.aspp_rates)
+                                       cfg.width, cfg.aspp_rates, cfg.stem_stride)
     lorm = models.LoRM(segmenter.backbone.out_channels, cfg.lorm_temperature) if weights["lorm"] else None
     arch = {"kind": "segmenter", "segmenter": cfg.segmenter, "backbone": cfg.backbone, "class_names": index.classes,
             "lorm": lorm is not None, "output_stride": cfg.output_stride, "width": cfg.width,
-            "aspp_rates": cfg.aspp_rates}
+            "aspp_rates": cfg.aspp_rates, "stem_stride": cfg.stem_stride}
     model_config = {**config.to_dict(cfg), **arch, "pseudo_dir": str(pseudo_dir or "")}
     val_items = [it for it in index.val if it.gt is not None]
     return fit(CDSPNet(segmenter, lorm), cdsp_loss(cfg), dataset, out_dir, arch=arch, model_config=model_config,

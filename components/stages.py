@@ -214,6 +214,7 @@ def train_segmenter(
     pretrained: str = "",
     width: int = 64,
     output_stride: int = 8,
+    stem_stride: int = 4,
     aspp_rates: str = "",
     l_seg: float = 1.0,
     l_pseudo: float = 1.0,
@@ -255,6 +256,9 @@ def train_segmenter(
         width: backbone width (first-stage channels): 64 is torchvision's and needed for ImageNet weights; less is
             cheaper, for from-scratch CPU runs
         output_stride: segmenter backbone output stride: 8 (the paper's) or 16 (about 3x cheaper)
+        stem_stride: stride of the segmenter backbone's stem: 4 (the ResNet's 7x7 convolution at stride 2, then a
+            max-pool) or 2 (no max-pool: layer1 and layer2 at twice the resolution, for small images; ImageNet weights
+            still fit)
         aspp_rates: atrous rates of the segmenter head, comma-separated; empty: the architecture's own (DeepLab-v2
             6,12,18,24, v3+ 6,12,18, made for 41x41 feature maps)
         l_seg: weight of the partial CE on scribbles (0 switches it off)
@@ -296,6 +300,7 @@ def train_segmenter(
         pretrained=pretrained,
         width=width,
         output_stride=output_stride,
+        stem_stride=stem_stride,
         aspp_rates=aspp_rates,
         l_seg=l_seg,
         l_pseudo=l_pseudo,

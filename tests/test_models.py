@@ -103,9 +103,38 @@ def test_output_strides(name, device):
             assert low.shape == (1, model.low_level_channels, 16, 16)
 
 
+def test_a_stem_without_max_pool_doubles_the_early_resolution_and_keeps_the_output_stride(tmp_path):
+    x = torch.randn(1, 3, 64, 64)
+    for stride in (4, 8, 16):
+        model = resnet("resnet18", output_stride=stride, width=8, stem_stride=2).eval()
+        with torch.no_grad():
+            low, out = model.features(x)
+        assert model.output_stride == stride
+        assert out.shape == (1, model.out_channels, 64 // stride, 64 // stride)
+        assert low.shape == (1, model.low_level_channels, 32, 32)  # layer1 at stride 2, not 4
+    # at output stride 8 layer3 keeps its stride 2 and only layer4 is dilated
+    model = resnet("resnet18", output_stride=8, stem_stride=2)
+    assert model.layer3[0].conv1.stride == (2, 2) and model.layer4[0].conv1.dilation == (1, 1)
+    assert model.layer4[1].conv1.dilation == (2, 2)
+    # the max-pool has no weights: the same state-dict layout, so ImageNet weights load
+    assert [(k, v.shape) for k, v in model.state_dict().items()] == \
+        [(k, v.shape) for k, v in resnet("resnet18", output_stride=8).state_dict().items()]
+    path = tmp_path / "resnet18.pth"
+    torch.save(fake_torchvision_weights("resnet18"), path)
+    seg = build_segmenter("deeplabv2", "resnet18", 6, pretrained=str(path), stem_stride=2)
+    assert isinstance(seg.backbone.maxpool, torch.nn.Identity)
+    assert seg(torch.randn(2, 3, 48, 48))["out"].shape == (2, 6, 48, 48)
+    v3 = build_segmenter("deeplabv3p", "resnet18", 6, width=8, stem_stride=2)
+    assert v3(torch.randn(2, 3, 48, 48))["out"].shape == (2, 6, 48, 48)  # its decoder takes layer1 at stride 2
+
+
 def test_resnet_rejects_bad_settings():
     with pytest.raises(CdspError, match="output stride"):
         resnet("resnet18", output_stride=4)
+    with pytest.raises(CdspError, match="output stride must be 4, 8, 16 with stem stride 2"):
+        resnet("resnet18", output_stride=32, stem_stride=2)
+    with pytest.raises(CdspError, match="stem stride must be 4 or 2"):
+        resnet("resnet18", output_stride=8, stem_stride=1)
     with pytest.raises(CdspError, match="resnet19"):
         resnet("resnet19")
 

@@ -268,7 +268,7 @@ def test_flags_round_trip_through_the_cli_parser():
 def test_adamw_narrow_and_at_output_stride_16_trains_and_the_model_reloads_so(tiny, tmp_path):
     out = tmp_path / "m"
     train_seg(tiny, out, epochs=1, optimizer="adamw", lr=1e-3, output_stride=16, width=16, lorm_scope="foreground",
-              l_ds=0.0, l_dc=0.0, aspp_rates="1,2,3,4")
+              l_ds=0.0, l_dc=0.0, aspp_rates="1,2,3,4", stem_stride=2)
     assert history(out)[0]["loss_lorm"] > 0
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert "exp_avg" in next(iter(ckpt["optimizer"]["state"].values()))  # AdamW's state, not SGD's
@@ -276,6 +276,7 @@ def test_adamw_narrow_and_at_output_stride_16_trains_and_the_model_reloads_so(ti
     assert info["output_stride"] == 16 and info["width"] == 16
     assert model.backbone.output_stride == 16 and model.backbone.out_channels == 128
     assert info["aspp_rates"] == "1,2,3,4" and [c.dilation[0] for c in model.aspp] == [1, 2, 3, 4]
+    assert info["stem_stride"] == 2 and isinstance(model.backbone.maxpool, torch.nn.Identity)
     with pytest.raises(CdspError, match="unknown optimizer 'lion'"):
         train_seg(tiny, tmp_path / "x", epochs=1, optimizer="lion", l_lorm=0.0, l_ds=0.0, l_dc=0.0)
     assert not (tmp_path / "x").exists()  # refused before any output
