@@ -434,7 +434,8 @@ def render_markdown(results: dict) -> str:
     lines = [f"# CDSP bench: {results['data']}", "",
              f"Preset `{results['preset']}`, segmenter {st['segmenter']} / {st['backbone']}"
              f"{f' (width {w})' if (w := st.get('width', 64)) != 64 else ''}, output stride "
-             f"{st.get('output_stride', 8)}, {st.get('optimizer', 'sgd')} lr {st['lr']:g}, {st['epochs']} epochs, "
+             f"{st.get('output_stride', 8)}{' (no max-pool in the stem)' if st.get('stem_stride', 4) == 2 else ''}, "
+             f"{st.get('optimizer', 'sgd')} lr {st['lr']:g}, {st['epochs']} epochs, "
              f"{seeds} seed(s) per run. "
              "mIoU in % on the val split: mean ± standard deviation over seeds (min–max).", "",
              f"| run | scribbles | {' | '.join(term_label(t) for t in train.LOSS_TERMS)} | mIoU | Δ scribble-only "

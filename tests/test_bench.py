@@ -89,6 +89,7 @@ def test_tiny_bench_writes_results_logs_mlflow_and_resumes(tmp_path, monkeypatch
 
     md = (out / "results.md").read_text()
     assert "| run | scribbles | L_seg | L_pseudo | LoRM | L_ds | L_dc | mIoU |" in md
+    assert "output stride 8 (no max-pool in the stem), adamw lr 0.003, 1 epochs" in md  # the cpu preset's recipe
     for r in rows:
         assert f"| {r['name']} | {r['scribbles']} |" in md
     assert f"{100 * by_name['cdsp']['miou']['mean']:.1f} ± {100 * by_name['cdsp']['miou']['std']:.1f}" in md
