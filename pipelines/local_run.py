@@ -38,9 +38,9 @@ log = logging.getLogger("cdsp.local_run")
 SETTINGS_CLASSES = (config.PipelineConfig, *config.ALL_CONFIGS)
 DEFAULT_PRESET = "cpu"
 # Segmenter epochs of the demo on synthetic data (an explicit --epochs wins): fewer than the
-# preset's 50, so that `make demo` ends in about 4 minutes with a model above 0.6 val mIoU
-# (30 epochs: 0.60-0.63; docs/benchmarks.md, "make demo").
-DEMO_EPOCHS = 40
+# preset's 40, so that `make demo` ends in under 3 minutes with a model well above 0.6 val mIoU
+# (25 epochs: 0.70 in 149 s; 40: 0.76 in 193 s; docs/benchmarks.md, "make demo").
+DEMO_EPOCHS = 25
 
 
 def pipeline_arguments(preset: str | None, overrides: dict) -> dict:
@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pipelines.local_run", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="build/demo", help="folder of the runs (and of the synthetic data)")
-    # The demo's data: `cdsp synth`'s default set (the bench's). On 120/30 images the preset's 50
-    # epochs ended at 0.40 mIoU: the segmenter needs the images more than the epochs
+    # The demo's data: `cdsp synth`'s default set (the bench's). On 120/30 images an earlier preset's
+    # 50 epochs ended at 0.40 mIoU: the segmenter needs the images more than the epochs
     # (docs/benchmarks.md, "make demo").
     parser.add_argument("--synth-train", type=int, default=400, help="synthetic training images (no --data-uri)")
     parser.add_argument("--synth-val", type=int, default=100, help="synthetic validation images (no --data-uri)")
