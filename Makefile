@@ -100,12 +100,12 @@ images:
 	docker push $(CDSP_CUDA_IMAGE)
 
 # The ablation and scribble-robustness benchmark (`cdsp bench`) on the synthetic dataset (made once)
-# with the `cpu` preset, three seeds and 15 epochs (the preset trains 50), two runs at a time (--jobs 2),
-# 33 trainings: 18 minutes on 2 idle cores in our latest measurement, about 40 on the slower days this
+# with the `cpu` preset, three seeds and 15 epochs (the preset trains 40), two runs at a time (--jobs 2),
+# 33 trainings: 19 minutes on 2 idle cores in our latest measurement, about 40 on the slower days this
 # machine has had (docs/benchmarks.md): $(BENCH_DIR)/results/results.md
 # and results.json, every run in the MLflow experiment cdsp-bench (`make mlflow-ui`). A rerun resumes.
-# BENCH_ARGS takes more flags (cdsp bench -h), e.g. BENCH_ARGS="--epochs 50" for the preset's full
-# training (about 1 h 30 min with two seeds on a slow day). OMP_WAIT_POLICY=PASSIVE: idle OpenMP
+# BENCH_ARGS takes more flags (cdsp bench -h), e.g. BENCH_DIR=build/bench40 BENCH_ARGS="--epochs 40"
+# for the preset's full training (37 minutes on 2 idle cores). OMP_WAIT_POLICY=PASSIVE: idle OpenMP
 # threads sleep instead of spinning, which wastes most of a 2-core machine shared with other jobs.
 BENCH_DIR ?= build/bench
 BENCH_ARGS ?=

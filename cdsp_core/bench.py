@@ -91,7 +91,7 @@ class Run:
     settings: tuple[tuple[str, object], ...] = ()  # SegTrainConfig fields this run sets, whatever the config says
 
 
-PAPER_LORM = (("lorm_scope", "all"), ("lorm_temperature", 1.0))  # the method page's LoRM
+PAPER_LORM = (("lorm_scope", "all"), ("lorm_temperature", 1.0), ("lorm_distance", "squared"))  # the method page's LoRM
 
 
 RUNS = (

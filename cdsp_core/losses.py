@@ -66,15 +66,31 @@ def distance_entropy_loss(logits: torch.Tensor, weight: torch.Tensor) -> torch.T
         return _mean_over(weighted.sum(), (weighted != 0).sum())
 
 
-def lorm_loss(features: torch.Tensor, rectified: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+LORM_DISTANCES = ("squared", "cosine")
+
+
+def lorm_loss(features: torch.Tensor, rectified: torch.Tensor, where: torch.Tensor | None = None,
+              distance: str = "squared") -> torch.Tensor:
     """L_lorm = Σ (F − F')² / #{nonzero terms}, F the backbone features, F' = models.LoRM(F, pseudo).
 
     F' is 0 off the foreground, so there the term is ‖F‖²: the method page's loss also shrinks
     every background feature. `where` (B×1×h×w booleans, e.g. `LoRM.foreground`) limits the
     sum to those positions: the `lorm_scope=foreground` option.
+
+    distance="cosine" (needs `where`): the mean over those positions of 1 − cos(F_i, F'_i). The
+    squared distance falls when F and F' shrink together, so on a network trained from scratch
+    it pulls every feature toward 0 as well as toward its consensus; the cosine keeps the pull
+    toward the consensus's direction and is blind to scale (docs/benchmarks.md).
     """
     with torch.autocast(features.device.type, enabled=False):
-        squared = (features.float() - rectified.float()) ** 2
+        features, rectified = features.float(), rectified.float()
+        if distance == "cosine":
+            if where is None:
+                raise ValueError("the cosine LoRM distance needs the positions to sum over (where)")
+            gap = 1 - F.cosine_similarity(features, rectified, dim=1, eps=1e-6)[:, None]  # B×1×h×w
+            mask = where.to(gap.dtype)
+            return _mean_over((gap * mask).sum(), mask.sum())
+        squared = (features - rectified) ** 2
         if where is not None:
             squared = squared * where.to(squared.dtype)
         return _mean_over(squared.sum(), (squared != 0).sum())

@@ -581,7 +581,7 @@ def cdsp_loss(cfg: SegTrainConfig) -> LossFn:
         if w["lorm"]:
             where = models.LoRM.foreground(batch["pseudo"], out["features"].shape[-2:]) \
                 if cfg.lorm_scope == "foreground" else None
-            terms["lorm"] = losses.lorm_loss(out["features"], out["rectified"], where)
+            terms["lorm"] = losses.lorm_loss(out["features"], out["rectified"], where, cfg.lorm_distance)
         if w["ds"]:
             terms["ds"] = losses.distance_entropy_loss(logits, batch["distance_scribble"])
         if w["dc"]:
@@ -615,6 +615,11 @@ def train_segmenter(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: Se
                         f"(set one of {'/'.join(config.flag(name) for name in LOSS_WEIGHTS.values())})")
     if cfg.lorm_scope not in ("all", "foreground"):
         raise CdspError(f"unknown lorm_scope {cfg.lorm_scope!r}: use all or foreground")
+    if cfg.lorm_distance not in losses.LORM_DISTANCES:
+        raise CdspError(f"unknown lorm_distance {cfg.lorm_distance!r}: use {' or '.join(losses.LORM_DISTANCES)}")
+    if weights["lorm"] and cfg.lorm_distance == "cosine" and cfg.lorm_scope != "foreground":
+        raise CdspError("lorm_distance cosine needs lorm_scope foreground: off the foreground F' is 0 and "
+                        "has no direction")
     if cfg.optimizer not in ("sgd", "adamw"):
         raise CdspError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
     if any(w < 0 for w in weights.values()):

@@ -48,6 +48,7 @@ def pipeline_function(wire: Callable[..., None]) -> Callable[..., None]:
         l_lorm: float = 1.0,
         lorm_scope: str = "all",
         lorm_temperature: float = 1.0,
+        lorm_distance: str = "squared",
         l_ds: float = 1.0,
         l_dc: float = 1.0,
         seg_target: str = "scribble",
@@ -125,6 +126,9 @@ def pipeline_function(wire: Callable[..., None]) -> Callable[..., None]:
             lorm_temperature: temperature of LoRM's cosine attention, softmax(cos/t): 1 (the method's) spreads it over
                 the whole feature map, so every foreground feature is pulled toward the image's mean; smaller attends to
                 similar features
+            lorm_distance: how far F is from F' in the LoRM loss: squared (the method page's sum of (F - F')^2, which
+                also falls when every feature shrinks) or cosine (1 - cos(F, F') per position, blind to the features'
+                scale; needs --lorm-scope foreground)
             l_ds: weight of the DEL on the scribble distance map (0 switches it off)
             l_dc: weight of the DEL on the boundary distance map (0 switches it off)
             seg_target: target of L_seg: scribble, or gt (full ground truth: the supervised baseline)
@@ -192,6 +196,7 @@ def pipeline_function(wire: Callable[..., None]) -> Callable[..., None]:
             l_lorm=l_lorm,
             lorm_scope=lorm_scope,
             lorm_temperature=lorm_temperature,
+            lorm_distance=lorm_distance,
             l_ds=l_ds,
             l_dc=l_dc,
             seg_target=seg_target,

@@ -28,11 +28,11 @@ def test_runs_switch_exactly_their_loss_terms():
     full = bench.run_config(bench.RUNS_BY_NAME["full-supervision"], cfg, 7)
     assert full.seg_target == "gt" and full.seed == 7
     # the paper-LoRM row overrides the preset's LoRM settings, and only those
-    ours = replace(cfg, lorm_scope="foreground", lorm_temperature=0.1)
+    ours = replace(cfg, lorm_scope="foreground", lorm_temperature=0.1, lorm_distance="cosine")
     paper = bench.run_config(bench.RUNS_BY_NAME["cdsp-paper-lorm"], ours, 7)
-    assert (paper.lorm_scope, paper.lorm_temperature) == ("all", 1.0)
+    assert (paper.lorm_scope, paper.lorm_temperature, paper.lorm_distance) == ("all", 1.0, "squared")
     cdsp_run = bench.run_config(bench.RUNS_BY_NAME["cdsp"], ours, 7)
-    assert paper == replace(cdsp_run, lorm_scope="all", lorm_temperature=1.0)
+    assert paper == replace(cdsp_run, lorm_scope="all", lorm_temperature=1.0, lorm_distance="squared")
     assert [r.name for r in bench.select_runs("all")] == [
         "scribble-only", "pseudo-only", "scribble+pseudo", "scribble+pseudo+lorm", "cdsp", "cdsp-paper-lorm",
         "full-supervision",

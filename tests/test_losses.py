@@ -220,3 +220,36 @@ def test_cam_partial_ce_is_partial_ce_with_a_constant_background_logit():
     assert cam_partial_ce(maps, scribble).item() == pytest.approx(total / 3, rel=1e-5)
     shifted = cam_partial_ce(maps, scribble, background_logit=1.0).item()
     assert shifted != pytest.approx(total / 3)
+
+
+def test_lorm_cosine_distance_is_one_minus_cosine_over_the_given_positions_and_blind_to_scale():
+    g = torch.Generator().manual_seed(5)
+    f = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+    r = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+    where = torch.zeros(2, 1, 3, 3, dtype=torch.bool)
+    where[0, 0, 1, :] = True
+    where[1, 0, 2, 2] = True
+    want = np.mean([1 - np.dot(f[b, :, y, x].numpy(), r[b, :, y, x].numpy())
+                    / (np.linalg.norm(f[b, :, y, x].numpy()) * np.linalg.norm(r[b, :, y, x].numpy()))
+                    for b, y, x in [(0, 1, 0), (0, 1, 1), (0, 1, 2), (1, 2, 2)]])
+    got = lorm_loss(f, r, where, "cosine")
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    # shrinking F and F' together leaves it unchanged; the squared distance falls with the square
+    assert lorm_loss(0.1 * f, 0.1 * r, where, "cosine").item() == pytest.approx(want, rel=1e-6)
+    assert lorm_loss(0.1 * f, 0.1 * r, where).item() == pytest.approx(0.01 * lorm_loss(f, r, where).item())
+    # F' parallel to F costs nothing, whatever γ is
+    assert lorm_loss(f, 3.0 * f, where, "cosine").item() == pytest.approx(0.0, abs=1e-12)
+    # no foreground at all: 0, not NaN
+    assert lorm_loss(f, r, torch.zeros_like(where), "cosine").item() == 0.0
+    with pytest.raises(ValueError, match="needs the positions"):
+        lorm_loss(f, r, None, "cosine")
+
+
+def test_lorm_cosine_distance_trains_the_features_and_lorm():
+    lorm = LoRM(6, temperature=0.1)
+    feats = torch.randn(2, 6, 4, 4, requires_grad=True)
+    pseudo = torch.randint(0, 3, (2, 8, 8))
+    loss = lorm_loss(feats, lorm(feats, pseudo), LoRM.foreground(pseudo, (4, 4)), "cosine")
+    loss.backward()
+    assert loss.item() > 0 and feats.grad.abs().sum() > 0
+    assert lorm.query.weight.grad.abs().sum() > 0 and lorm.key.weight.grad.abs().sum() > 0

@@ -268,8 +268,8 @@ def test_flags_round_trip_through_the_cli_parser():
 def test_adamw_narrow_and_at_output_stride_16_trains_and_the_model_reloads_so(tiny, tmp_path):
     out = tmp_path / "m"
     train_seg(tiny, out, epochs=1, optimizer="adamw", lr=1e-3, output_stride=16, width=16, lorm_scope="foreground",
-              l_ds=0.0, l_dc=0.0, aspp_rates="1,2,3,4", stem_stride=2)
-    assert history(out)[0]["loss_lorm"] > 0
+              lorm_distance="cosine", l_ds=0.0, l_dc=0.0, aspp_rates="1,2,3,4", stem_stride=2)
+    assert 0 < history(out)[0]["loss_lorm"] <= 2  # 1 − cos lies in [0, 2]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert "exp_avg" in next(iter(ckpt["optimizer"]["state"].values()))  # AdamW's state, not SGD's
     model, info = evaluate.load_model(str(out), "cpu", kind="segmenter")
@@ -282,3 +282,11 @@ def test_adamw_narrow_and_at_output_stride_16_trains_and_the_model_reloads_so(ti
     assert not (tmp_path / "x").exists()  # refused before any output
     with pytest.raises(CdspError, match="unknown lorm_scope 'background'"):
         train_seg(tiny, tmp_path / "x", epochs=1, lorm_scope="background")
+    with pytest.raises(CdspError, match="unknown lorm_distance 'l1': use squared or cosine"):
+        train_seg(tiny, tmp_path / "x", epochs=1, lorm_distance="l1")
+    with pytest.raises(CdspError, match="lorm_distance cosine needs lorm_scope foreground"):
+        train_seg(tiny, tmp_path / "x", epochs=1, lorm_distance="cosine", lorm_scope="all")
+    assert not (tmp_path / "x").exists()
+    # with LoRM off, its settings do not matter
+    train_seg(tiny, tmp_path / "y", epochs=1, l_lorm=0.0, l_ds=0.0, l_dc=0.0, lorm_distance="cosine", lorm_scope="all")
+    assert "loss_lorm" not in history(tmp_path / "y")[0]
