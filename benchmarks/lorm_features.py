@@ -26,7 +26,8 @@ def feature_stats(model: torch.nn.Module, items: list[data.Item]) -> dict[str, f
     within, between = [], []
     with torch.no_grad():
         for item in items:
-            features = model(to_normalized_tensor(Image.open(item.image))[None])["features"][0]  # C×h×w
+            image = Image.fromarray(data.read_image(item.image))
+            features = model(to_normalized_tensor(image)[None])["features"][0]  # C×h×w
             gt = torch.from_numpy(data.read_label(item.gt).astype(np.int64))[None, None].float()
             label = F.interpolate(gt, size=features.shape[-2:], mode="nearest").flatten().long()
             norm = features.norm(dim=0).flatten()
@@ -36,9 +37,10 @@ def feature_stats(model: torch.nn.Module, items: list[data.Item]) -> dict[str, f
             label = label[label != 255]
             cos = unit.T @ unit
             for c in label.unique().tolist():
-                n = int((label == c).sum())
+                at = label == c
+                n = int(at.sum())
                 if c and n > 1:  # an object's class: mean over distinct pairs of its positions
-                    block = cos[label == c][:, label == c]
+                    block = cos[at][:, at]
                     within.append(((block.sum() - block.diagonal().sum()) / (n * (n - 1))).item())
             differ = label[:, None] != label[None, :]
             if differ.any():

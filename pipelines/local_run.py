@@ -39,7 +39,7 @@ SETTINGS_CLASSES = (config.PipelineConfig, *config.ALL_CONFIGS)
 DEFAULT_PRESET = "cpu"
 # Segmenter epochs of the demo on synthetic data (an explicit --epochs wins): fewer than the
 # preset's 40, so that `make demo` ends in under 3 minutes with a model well above 0.6 val mIoU
-# (25 epochs: 0.70 in 149 s; 40: 0.76 in 193 s; docs/benchmarks.md, "make demo").
+# (25 epochs: 0.73 in 167 s; docs/benchmarks.md, "make demo").
 DEMO_EPOCHS = 25
 
 
