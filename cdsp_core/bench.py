@@ -9,6 +9,7 @@ the CDSP loss terms, then evaluates it on the val split:
     pseudo-only            L_pseudo
     scribble+pseudo        L_seg + L_pseudo
     scribble+pseudo+lorm   L_seg + L_pseudo + L_lorm
+    scribble+pseudo+del    L_seg + L_pseudo + L_ds + L_dc (the full method without LoRM)
     cdsp                   L_seg + L_pseudo + L_lorm + L_ds + L_dc (the full method)
     cdsp-paper-lorm        cdsp with LoRM exactly as the method page has it (all positions,
                            temperature 1), whatever the preset's LoRM settings
@@ -99,6 +100,7 @@ RUNS = (
     Run("pseudo-only", ("pseudo",)),
     Run("scribble+pseudo", ("seg", "pseudo")),
     Run("scribble+pseudo+lorm", ("seg", "pseudo", "lorm")),
+    Run("scribble+pseudo+del", ("seg", "pseudo", "ds", "dc")),
     Run("cdsp", CDSP),
     Run("cdsp-paper-lorm", CDSP, settings=PAPER_LORM),
     Run("full-supervision", ("seg",), target="gt"),

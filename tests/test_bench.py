@@ -22,6 +22,7 @@ def test_runs_switch_exactly_their_loss_terms():
     weights = {r.name: train.loss_weights(bench.run_config(r, cfg, 7)) for r in bench.RUNS}
     assert weights["scribble-only"] == {"seg": 1.0, "pseudo": 0.0, "lorm": 0.0, "ds": 0.0, "dc": 0.0}
     assert weights["pseudo-only"] == {"seg": 0.0, "pseudo": 0.5, "lorm": 0.0, "ds": 0.0, "dc": 0.0}
+    assert weights["scribble+pseudo+del"] == {"seg": 1.0, "pseudo": 0.5, "lorm": 0.0, "ds": 1.0, "dc": 1.0}
     cdsp = {"seg": 1.0, "pseudo": 0.5, "lorm": 1.0, "ds": 1.0, "dc": 1.0}
     assert weights["cdsp"] == weights["cdsp-shrink0.5"] == cdsp
     assert weights["cdsp-paper-lorm"] == cdsp
@@ -34,8 +35,8 @@ def test_runs_switch_exactly_their_loss_terms():
     cdsp_run = bench.run_config(bench.RUNS_BY_NAME["cdsp"], ours, 7)
     assert paper == replace(cdsp_run, lorm_scope="all", lorm_temperature=1.0, lorm_distance="squared")
     assert [r.name for r in bench.select_runs("all")] == [
-        "scribble-only", "pseudo-only", "scribble+pseudo", "scribble+pseudo+lorm", "cdsp", "cdsp-paper-lorm",
-        "full-supervision",
+        "scribble-only", "pseudo-only", "scribble+pseudo", "scribble+pseudo+lorm", "scribble+pseudo+del", "cdsp",
+        "cdsp-paper-lorm", "full-supervision",
         "cdsp-drop0.5", "scribble-only-drop0.5", "cdsp-shrink0.5", "scribble-only-shrink0.5"]
 
 
