@@ -141,7 +141,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
 
     assert cli.main(["bench", "--data", str(data), "--out", str(tmp_path / "c"), "--l-dc", "0", *TINY]) == 2
-    assert "cdsp needs L_dc" in capsys.readouterr().err
+    assert "bench run scribble+pseudo+del needs L_dc" in capsys.readouterr().err  # the first row with L_dc
 
     for gt in (data / "SegmentationClass").glob("val_*.png"):
         gt.unlink()
