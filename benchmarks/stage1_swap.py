@@ -31,11 +31,13 @@ from cdsp_core.fsutil import atomic_write_text
 def one(args: tuple) -> tuple[str, int, float]:
     run, seed, ns = args
     stage1 = ns.pseudo or str(Path(ns.bench) / "stage1" / ns.stage1 / "pseudo")
-    folder = Path(ns.out) / run / f"{ns.scribbles}-scribbles.{ns.pseudo_label}-stage1" / f"seed{seed}"
+    variant = f".{ns.set}" if ns.set else ""
+    folder = Path(ns.out) / run / f"{ns.scribbles}-scribbles.{ns.pseudo_label}-stage1{variant}" / f"seed{seed}"
     done = folder / bench.RESULT
     if done.exists() and json.loads(done.read_text()).get("epochs") == ns.epochs:
         return run, seed, json.loads(done.read_text())["miou"]
-    seg_cfg = config.build(SegTrainConfig, "cpu", {"epochs": ns.epochs})
+    overrides = {**config.parse_overrides(SegTrainConfig, ns.set), "epochs": ns.epochs}
+    seg_cfg = config.build(SegTrainConfig, "cpu", overrides)
     eval_cfg = config.build(EvalConfig, "cpu", {"n_overlays": 0})
     outcome = bench.train_and_evaluate(bench.RUNS_BY_NAME[run], seed, Path(ns.bench) / "data" / ns.scribbles,
                                        Path(ns.data), {"pseudo": stage1}, folder, seg_cfg, eval_cfg, False, None)
@@ -71,6 +73,7 @@ def main() -> int:
                    help="a pseudo-label folder (pseudo_labels/, distance_*/) instead of --stage1's")
     rows = [r.name for r in bench.RUNS if r.scribbles == bench.CLEAN and "pseudo" in r.terms]
     p.add_argument("--runs", default="cdsp", help=f"comma-separated bench rows to train, of {', '.join(rows)}")
+    p.add_argument("--set", default="", help="segmenter settings over the cpu preset's, e.g. width=32,lr=0.001")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--jobs", type=int, default=2)
@@ -82,6 +85,10 @@ def main() -> int:
     if ns.pseudo and not (Path(ns.pseudo) / "pseudo_labels").is_dir():
         p.error(f"--pseudo {ns.pseudo}: no pseudo_labels/ folder there")
     ns.pseudo_label = Path(ns.pseudo).name if ns.pseudo else ns.stage1
+    try:
+        config.parse_overrides(SegTrainConfig, ns.set)
+    except ValueError as e:
+        p.error(f"--set: {e}")
     seeds = [int(s) for s in ns.seeds.split(",")]
     threads = max(1, (os.cpu_count() or 1) // ns.jobs)  # each job its share of the cores, as in cdsp bench
     with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=bench._worker_init,

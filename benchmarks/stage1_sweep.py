@@ -26,17 +26,6 @@ from cdsp_core.config import ClassifierConfig, PseudoLabelConfig
 from cdsp_core.transforms import to_normalized_tensor
 
 
-def parse_variant(text: str) -> dict:
-    """'cls_scribble_ce=1,cls_epochs=20' -> typed overrides of ClassifierConfig."""
-    types = {f.name: f.type for f in config.fields_of(ClassifierConfig)}
-    out = {}
-    for part in filter(None, text.split(",")):
-        key, value = part.split("=")
-        typ = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}.get(types[key], str)
-        out[key] = typ(value)
-    return out
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
@@ -71,7 +60,7 @@ def main() -> int:
     for text, model_dir in jobs or [("", Path(args.work) / "preset")]:
         seconds = "cached"
         if not (model_dir / modelfolder.WEIGHTS).exists():
-            cfg = config.build(ClassifierConfig, args.preset, parse_variant(text))
+            cfg = config.build(ClassifierConfig, args.preset, config.parse_overrides(ClassifierConfig, text))
             started = time.perf_counter()
             train.train_classifier(args.data, str(model_dir), cfg, device="cpu", seed=args.seed)
             seconds = f"{time.perf_counter() - started:.0f}"

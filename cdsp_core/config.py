@@ -262,6 +262,19 @@ def build(cls: type[T], preset: str | None = None, overrides: dict[str, Any] | N
     return cls(**values)
 
 
+def parse_overrides(cls: type, text: str) -> dict[str, Any]:
+    """'width=32,lr=0.001' -> typed overrides of `cls`'s fields (for benchmark scripts' variants)."""
+    types = {f.name: f.type for f in fields_of(cls)}
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in types:
+            raise ValueError(f"{part!r}: expected name=value with a {cls.__name__} field as the name")
+        typ = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}.get(types[key], str)
+        out[key] = typ(value)
+    return out
+
+
 def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
     """The config of `cls` from parsed CLI flags (preset applied under explicit flags)."""
     return build(cls, getattr(ns, "preset", None), vars(ns))

@@ -5,6 +5,8 @@ import hashlib
 import json
 from collections import Counter
 
+import pytest
+
 from cdsp_core import config
 
 
@@ -47,3 +49,12 @@ def test_settings_digest_is_canonical_json():
     assert config.settings_digest(a) == config.settings_digest(dict(reversed(a.items())))
     assert config.settings_digest(a) == hashlib.sha256(json.dumps(a, sort_keys=True).encode()).hexdigest()
     assert config.settings_digest({**a, "lr": 0.25}) != config.settings_digest(a)
+
+
+def test_parse_overrides_types_values_and_refuses_unknown_names():
+    got = config.parse_overrides(config.SegTrainConfig, "width=32, lr=0.001,amp=no,lorm_distance=cosine")
+    assert got == {"width": 32, "lr": 0.001, "amp": False, "lorm_distance": "cosine"}
+    assert config.parse_overrides(config.SegTrainConfig, "") == {}
+    for bad in ("cls_width=32", "width", "nonsense=1"):  # a ClassifierConfig field, no value, no field
+        with pytest.raises(ValueError, match="SegTrainConfig field"):
+            config.parse_overrides(config.SegTrainConfig, bad)
