@@ -101,7 +101,7 @@ images:
 
 # The ablation and scribble-robustness benchmark (`cdsp bench`) on the synthetic dataset (made once)
 # with the `cpu` preset, three seeds and 15 epochs (the preset trains 40), two runs at a time (--jobs 2),
-# 33 trainings: 19 minutes on 2 idle cores in our latest measurement, about 40 on the slower days this
+# 36 trainings: about 17 minutes on 2 idle cores in our latest measurement, about 37 on the slower days this
 # machine has had (docs/benchmarks.md): $(BENCH_DIR)/results/results.md
 # and results.json, every run in the MLflow experiment cdsp-bench (`make mlflow-ui`). A rerun resumes.
 # BENCH_ARGS takes more flags (cdsp bench -h), e.g. BENCH_DIR=build/bench40 BENCH_ARGS="--epochs 40"

@@ -34,8 +34,9 @@ def one(args: tuple) -> tuple[str, int, float]:
     variant = f".{ns.set}" if ns.set else ""
     folder = Path(ns.out) / run / f"{ns.scribbles}-scribbles.{ns.pseudo_label}-stage1{variant}" / f"seed{seed}"
     done = folder / bench.RESULT
-    if done.exists() and json.loads(done.read_text()).get("epochs") == ns.epochs:
-        return run, seed, json.loads(done.read_text())["miou"]
+    record = json.loads(done.read_text()) if done.exists() else {}
+    if record.get("epochs") == ns.epochs:
+        return run, seed, record["miou"]
     overrides = {**config.parse_overrides(SegTrainConfig, ns.set), "epochs": ns.epochs}
     seg_cfg = config.build(SegTrainConfig, "cpu", overrides)
     eval_cfg = config.build(EvalConfig, "cpu", {"n_overlays": 0})

@@ -221,6 +221,10 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+_SCALARS = {"int": int, "float": float, "str": str}  # a field's annotation (a string here) -> its parser
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
 def _add_field(parser: argparse.ArgumentParser | argparse._ArgumentGroup, f: dataclasses.Field, default: Any) -> None:
     """The flag of one field: `--name VALUE`, or `--name/--no-name` for a bool."""
     help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
@@ -228,8 +232,8 @@ def _add_field(parser: argparse.ArgumentParser | argparse._ArgumentGroup, f: dat
         parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                             help=help_text)
     else:
-        typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-        parser.add_argument(flag(f.name), dest=f.name, type=typ, default=default, help=help_text)
+        parser.add_argument(flag(f.name), dest=f.name, type=_SCALARS.get(f.type, f.type), default=default,
+                            help=help_text)
 
 
 def add_arguments(parser: argparse.ArgumentParser, *classes: type) -> None:
@@ -270,8 +274,12 @@ def parse_overrides(cls: type, text: str) -> dict[str, Any]:
         key, sep, value = part.partition("=")
         if not sep or key not in types:
             raise ValueError(f"{part!r}: expected name=value with a {cls.__name__} field as the name")
-        typ = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}.get(types[key], str)
-        out[key] = typ(value)
+        if types[key] == "bool":
+            if value.lower() not in _BOOLS:
+                raise ValueError(f"{part!r}: {key} is a bool ({'/'.join(_BOOLS)})")
+            out[key] = _BOOLS[value.lower()]
+        else:
+            out[key] = _SCALARS[types[key]](value)
     return out
 
 

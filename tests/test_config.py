@@ -58,3 +58,5 @@ def test_parse_overrides_types_values_and_refuses_unknown_names():
     for bad in ("cls_width=32", "width", "nonsense=1"):  # a ClassifierConfig field, no value, no field
         with pytest.raises(ValueError, match="SegTrainConfig field"):
             config.parse_overrides(config.SegTrainConfig, bad)
+    with pytest.raises(ValueError, match="amp is a bool"):
+        config.parse_overrides(config.SegTrainConfig, "amp=maybe")
