@@ -19,6 +19,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -31,7 +32,7 @@ from cdsp_core.fsutil import atomic_write_text
 def one(args: tuple) -> tuple[str, int, float]:
     run, seed, ns = args
     stage1 = ns.pseudo or str(Path(ns.bench) / "stage1" / ns.stage1 / "pseudo")
-    variant = f".{ns.set}" if ns.set else ""
+    variant = "." + re.sub(r"[^\w.,=+-]", "_", ns.set) if ns.set else ""  # a path in --set stays one folder
     folder = Path(ns.out) / run / f"{ns.scribbles}-scribbles.{ns.pseudo_label}-stage1{variant}" / f"seed{seed}"
     done = folder / bench.RESULT
     record = json.loads(done.read_text()) if done.exists() else {}

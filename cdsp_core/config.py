@@ -31,7 +31,8 @@ class ClassifierConfig:
     """Stage 1: the multi-label classifier trained on image-level labels from scribbles."""
 
     cls_backbone: str = opt("resnet50", "classifier backbone: resnet18|resnet34|resnet50|resnet101|resnet152")
-    cls_pretrained: str = opt("", "classifier ImageNet weights (torchvision layout), file or URI; empty: from scratch")
+    cls_pretrained: str = opt("", "classifier backbone weights, file or URI: ImageNet's (torchvision layout) "
+                                  "or an earlier model.pt's backbone; empty: from scratch")
     cls_width: int = opt(64, "classifier backbone width (first-stage channels): 64 is torchvision's; less is "
                              "cheaper, for from-scratch CPU runs")
     cls_output_stride: int = opt(16, "backbone output stride (16, or 8 for small images)")
@@ -67,7 +68,8 @@ class SegTrainConfig:
 
     segmenter: str = opt("deeplabv2", "segmenter: deeplabv2|deeplabv3p")
     backbone: str = opt("resnet101", "backbone: resnet18|resnet34|resnet50|resnet101|resnet152")
-    pretrained: str = opt("", "ImageNet weights (torchvision layout) from a file or URI; nothing is downloaded")
+    pretrained: str = opt("", "backbone weights, file or URI: ImageNet's (torchvision layout) or an earlier "
+                              "model.pt's backbone (a classifier's or segmenter's); nothing is downloaded")
     width: int = opt(64, "backbone width (first-stage channels): 64 is torchvision's and needed for ImageNet "
                          "weights; less is cheaper, for from-scratch CPU runs")
     output_stride: int = opt(8, "segmenter backbone output stride: 8 (the paper's) or 16 (about 3x cheaper)")

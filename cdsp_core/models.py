@@ -178,11 +178,6 @@ def resnet(name: str, output_stride: int = 32, width: int = 64, stem_stride: int
     return ResNet(block, layers, dilation_for_stride(output_stride, stem_stride), width, stem_stride)
 
 
-def _check_width_for_weights(width: int, pretrained: str) -> None:
-    if pretrained and width != 64:
-        raise CdspError(f"{pretrained}: ImageNet weights fit only the standard width 64, not {width}")
-
-
 # ---------------------------------------------------------------------------- pretrained weights
 
 
@@ -199,13 +194,19 @@ def _torch_load(path: str | Path, name: str) -> object:
         raise CdspError(f"{name}: not a torch state dict ({load_failure(e)})") from e
 
 
-def load_pretrained(model: nn.Module, path_or_uri: str) -> nn.Module:
-    """Load torchvision-layout ResNet weights (a file or a storage URI) into `model`, strictly.
+BACKBONE_PREFIX = "backbone."  # the backbone's entries in a classifier's or segmenter's state dict
 
-    `model` is a ResNet, or a network with a ResNet `.backbone`. The weights' `fc.*` entries
-    (torchvision's classification top, which our ResNet has not) are dropped; any other missing,
-    unexpected or misshapen entry is a CdspError naming the file. Loaded with torch.load(weights_only=True);
-    a URI (s3://...) is first downloaded to a temporary file through `cdsp_core.storage`.
+
+def load_pretrained(model: nn.Module, path_or_uri: str) -> nn.Module:
+    """Load ResNet weights (a file or a storage URI) into `model`'s backbone, strictly.
+
+    `model` is a ResNet, or a network with a ResNet `.backbone`. The weights are torchvision's layout
+    (ImageNet files; their `fc.*` entries, a classification top our ResNet has not, are dropped) or
+    one of our model files (a classifier's or segmenter's model.pt: its `backbone.*` entries, so a
+    run can start from an earlier one's backbone, at any width). Any missing, unexpected or
+    misshapen entry is a CdspError naming the file (ImageNet weights fit only width 64). Loaded
+    with torch.load(weights_only=True); a URI (s3://...) is first downloaded to a temporary file
+    through `cdsp_core.storage`.
     """
     target = model.backbone if isinstance(getattr(model, "backbone", None), ResNet) else model
     if "://" in path_or_uri:
@@ -219,6 +220,8 @@ def load_pretrained(model: nn.Module, path_or_uri: str) -> nn.Module:
         state = state["state_dict"]  # a common checkpoint wrapping
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CdspError(f"{path_or_uri}: not a state dict of tensors")
+    if any(k.startswith(BACKBONE_PREFIX) for k in state):  # our model file: its backbone alone
+        state = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
 
     own = target.state_dict()
@@ -232,7 +235,7 @@ def load_pretrained(model: nn.Module, path_or_uri: str) -> nn.Module:
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
                  if keys]
         raise CdspError(f"{path_or_uri}: weights do not fit this {type(target).__name__} "
-                        f"(wrong backbone?): {'; '.join(parts)}")
+                        f"(wrong backbone or width?): {'; '.join(parts)}")
     target.load_state_dict(state, strict=True)
     return model
 
@@ -271,8 +274,8 @@ class Classifier(nn.Module):
 
 def build_classifier(backbone: str, n_classes: int, output_stride: int = 16, pretrained: str = "",
                      width: int = 64) -> Classifier:
-    """The stage-1 classifier; `pretrained` is a torchvision-layout weight file or URI ("" = from scratch)."""
-    _check_width_for_weights(width, pretrained)
+    """The stage-1 classifier; `pretrained` is a weight file or URI for its backbone (`load_pretrained`;
+    "" = from scratch)."""
     model = Classifier(resnet(backbone, output_stride, width=width), n_classes)
     if pretrained:
         load_pretrained(model, pretrained)
@@ -373,13 +376,13 @@ def build_segmenter(name: str, backbone: str, n_classes: int, pretrained: str = 
                     output_stride: int = 8, width: int = 64, aspp_rates: str = "", stem_stride: int = 4) -> nn.Module:
     """DeepLab-v2 ("deeplabv2") or DeepLab-v3+ ("deeplabv3p") on a ResNet at output stride 8 (or 16).
 
-    `pretrained` loads torchvision-layout ImageNet weights into the backbone ("" = from scratch).
+    `pretrained` loads ImageNet weights or an earlier model's backbone into the backbone
+    (`load_pretrained`; "" = from scratch).
     `aspp_rates` ("6,12,18,24") replaces the head's atrous rates ("" = the architecture's own);
     `stem_stride` 2 leaves the backbone's max-pool out (ResNet).
     """
     if name not in SEGMENTERS:
         raise CdspError(f"unknown segmenter {name!r} (choose from {', '.join(SEGMENTERS)})")
-    _check_width_for_weights(width, pretrained)
     rates = parse_rates(aspp_rates)
     model = SEGMENTERS[name](resnet(backbone, output_stride, width=width, stem_stride=stem_stride), n_classes,
                              **({"rates": rates} if rates else {}))

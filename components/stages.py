@@ -92,7 +92,8 @@ def train_classifier(
         device: auto|cpu|cuda
         seed: random seed
         cls_backbone: classifier backbone: resnet18|resnet34|resnet50|resnet101|resnet152
-        cls_pretrained: classifier ImageNet weights (torchvision layout), file or URI; empty: from scratch
+        cls_pretrained: classifier backbone weights, file or URI: ImageNet's (torchvision layout) or an earlier
+            model.pt's backbone; empty: from scratch
         cls_width: classifier backbone width (first-stage channels): 64 is torchvision's; less is cheaper, for
             from-scratch CPU runs
         cls_output_stride: backbone output stride (16, or 8 for small images)
@@ -253,7 +254,8 @@ def train_segmenter(
         gpus: GPUs for segmentation training, a whole number; more than one runs DDP through torchrun in the pod
         segmenter: segmenter: deeplabv2|deeplabv3p
         backbone: backbone: resnet18|resnet34|resnet50|resnet101|resnet152
-        pretrained: ImageNet weights (torchvision layout) from a file or URI; nothing is downloaded
+        pretrained: backbone weights, file or URI: ImageNet's (torchvision layout) or an earlier model.pt's backbone (a
+            classifier's or segmenter's); nothing is downloaded
         width: backbone width (first-stage channels): 64 is torchvision's and needed for ImageNet weights; less is
             cheaper, for from-scratch CPU runs
         output_stride: segmenter backbone output stride: 8 (the paper's) or 16 (about 3x cheaper)

@@ -171,10 +171,27 @@ def test_narrow_resnets_keep_the_layout_and_refuse_imagenet_weights(tmp_path):
 
     path = tmp_path / "resnet18.pth"
     torch.save(fake_torchvision_weights("resnet18"), path)
-    with pytest.raises(CdspError, match="fit only the standard width 64, not 16"):
+    with pytest.raises(CdspError, match=r"resnet18\.pth: weights do not fit .*width.*wrong shape: conv1\.weight"):
         build_segmenter("deeplabv2", "resnet18", 6, pretrained=str(path), width=16)
-    with pytest.raises(CdspError, match="fit only the standard width 64, not 32"):
+    with pytest.raises(CdspError, match=r"resnet18\.pth: weights do not fit"):
         build_classifier("resnet18", 6, pretrained=str(path), width=32)
+
+
+def test_pretrained_from_an_earlier_model_file(tmp_path):
+    # a narrow stage-1 classifier's model.pt starts a segmenter of that width (its backbone only)
+    clf = build_classifier("resnet18", 5, output_stride=8, width=16)
+    torch.nn.init.normal_(clf.backbone.layer4[1].conv2.weight)
+    torch.save(clf.state_dict(), tmp_path / "model.pt")
+    seg = build_segmenter("deeplabv2", "resnet18", 5, pretrained=str(tmp_path / "model.pt"), width=16,
+                          stem_stride=2)
+    assert torch.equal(seg.backbone.layer4[1].conv2.weight, clf.backbone.layer4[1].conv2.weight)
+    assert torch.equal(seg.backbone.bn1.running_var, clf.backbone.bn1.running_var)
+    # and a segmenter's model.pt another segmenter (its head is left as built)
+    torch.save(seg.state_dict(), tmp_path / "seg.pt")
+    again = build_segmenter("deeplabv2", "resnet18", 5, pretrained=str(tmp_path / "seg.pt"), width=16)
+    assert torch.equal(again.backbone.conv1.weight, seg.backbone.conv1.weight)
+    with pytest.raises(CdspError, match=r"model\.pt: weights do not fit .*wrong shape"):
+        build_segmenter("deeplabv2", "resnet18", 5, pretrained=str(tmp_path / "model.pt"), width=32)
 
 
 def test_load_pretrained_from_s3(tmp_path, s3):
