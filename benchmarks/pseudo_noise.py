@@ -7,7 +7,8 @@ prints, over the training images' pixels where both the pseudo-label and the gro
 known, the share the segmenter labels correctly where the pseudo-label is wrong ("corrected"),
 the share where it repeats the pseudo-label's wrong class ("copied"), and its accuracy where
 the pseudo-label is right ("kept"); also for foreground pseudo-labels alone, the positions
-LoRM's loss acts on. docs/benchmarks.md ("Does LoRM correct the pseudo-labels?") quotes it:
+LoRM's loss acts on. docs/benchmarks.md ("On pretrained features, and what there is for LoRM to
+correct") quotes it:
 
     python benchmarks/pseudo_noise.py --data build/bench/data --pseudo build/bench/results/stage1/clean/pseudo \\
         build/bench/results/runs/scribble+pseudo/seed0/model build/bench/results/runs/scribble+pseudo+lorm/seed0/model
@@ -27,8 +28,8 @@ from cdsp_core.datasets import PSEUDO_DIR
 def noise_stats(model: torch.nn.Module, items: list[data.Item], pseudo_dir: Path) -> dict[str, float]:
     counts = dict.fromkeys(("wrong", "corrected", "copied", "right", "kept", "wrong_fg", "corrected_fg"), 0)
     with torch.no_grad():
-        for item, _, gt, pred in evaluate.predictions(model, items, torch.device("cpu"), show=False):
-            pseudo = data.read_label(pseudo_dir / f"{item.id}.png")
+        for item, image, gt, pred in evaluate.predictions(model, items, torch.device("cpu"), show=False):
+            pseudo = evaluate.label_of(pseudo_dir / f"{item.id}.png", image, item.image)  # size checked
             known = (gt != data.IGNORE) & (pseudo != data.IGNORE)
             wrong, right = known & (pseudo != gt), known & (pseudo == gt)
             wrong_fg = wrong & (pseudo > 0)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from cdsp_core import bench, config
 from cdsp_core.config import EvalConfig, SegTrainConfig
+from cdsp_core.datasets import PSEUDO_DIR
 from cdsp_core.fsutil import atomic_write_text
 
 
@@ -38,7 +39,7 @@ def one(args: tuple) -> tuple[str, int, float]:
     record = json.loads(done.read_text()) if done.exists() else {}
     if record.get("epochs") == ns.epochs:
         return run, seed, record["miou"]
-    overrides = {**config.parse_overrides(SegTrainConfig, ns.set), "epochs": ns.epochs}
+    overrides = {**ns.overrides, "epochs": ns.epochs}
     seg_cfg = config.build(SegTrainConfig, "cpu", overrides)
     eval_cfg = config.build(EvalConfig, "cpu", {"n_overlays": 0})
     outcome = bench.train_and_evaluate(bench.RUNS_BY_NAME[run], seed, Path(ns.bench) / "data" / ns.scribbles,
@@ -84,11 +85,11 @@ def main() -> int:
     runs = [r.strip() for r in ns.runs.split(",") if r.strip()]
     if not runs or set(runs) - set(rows):
         p.error(f"--runs {ns.runs!r}: choose from {', '.join(rows)}")
-    if ns.pseudo and not (Path(ns.pseudo) / "pseudo_labels").is_dir():
-        p.error(f"--pseudo {ns.pseudo}: no pseudo_labels/ folder there")
+    if ns.pseudo and not (Path(ns.pseudo) / PSEUDO_DIR).is_dir():
+        p.error(f"--pseudo {ns.pseudo}: no {PSEUDO_DIR}/ folder there")
     ns.pseudo_label = Path(ns.pseudo).name if ns.pseudo else ns.stage1
     try:
-        config.parse_overrides(SegTrainConfig, ns.set)
+        ns.overrides = config.parse_overrides(SegTrainConfig, ns.set)  # parsed once, for every job
     except ValueError as e:
         p.error(f"--set: {e}")
     seeds = [int(s) for s in ns.seeds.split(",")]
