@@ -26,12 +26,23 @@ from cdsp_core import config, data, distance, evaluate
 from cdsp_core.config import PseudoLabelConfig
 
 
-def cam_like(ground_truth: np.ndarray, n_classes: int, sigma: float, tau: float) -> np.ndarray:
-    """argmax over [τ, Gaussian-blurred one-hot masks of the classes present]; 255 counts as background."""
+def cam_like(ground_truth: np.ndarray, n_classes: int, sigma: float, tau: float, below: int = 0) -> np.ndarray:
+    """argmax over [τ, Gaussian-blurred one-hot masks of the classes present]; 255 counts as background.
+
+    `below` > 0 also gives each class the background pixels up to that many px under its mask: a
+    context error of the same place for every object, like a CAM's spill onto the water under a boat."""
     scores = [np.full(ground_truth.shape, tau)]
     for c in range(1, n_classes):
         scores.append(ndimage.gaussian_filter((ground_truth == c).astype(np.float64), sigma))
-    return np.argmax(np.stack(scores), 0).astype(np.uint8)
+    label = np.argmax(np.stack(scores), 0).astype(np.uint8)
+    if below > 0:
+        band = np.zeros_like(label)
+        for shift in range(below, 0, -1):  # the nearest object above a pixel wins
+            moved = np.zeros_like(label)
+            moved[shift:] = label[:-shift]
+            band = np.where(moved > 0, moved, band)
+        label = np.where(label == 0, band, label)
+    return label
 
 
 def main() -> int:
@@ -40,6 +51,8 @@ def main() -> int:
     p.add_argument("--like", required=True, help="a stage-1 pseudo-label folder: its images and scribble maps")
     p.add_argument("--sigma", type=float, default=6.0, help="Gaussian blur of each class mask, px")
     p.add_argument("--tau", type=float, default=0.15, help="background score")
+    p.add_argument("--below", type=int, default=0,
+                   help="also label as each class the background up to this many px below it (a context error)")
     p.add_argument("--out", required=True)
     ns = p.parse_args()
     index = data.load_index(ns.data)
@@ -56,14 +69,15 @@ def main() -> int:
     cm = evaluate.ConfusionMatrix(n)
     for item in index.train:
         truth = data.read_label(item.gt)
-        label = cam_like(truth, n, ns.sigma, ns.tau)
+        label = cam_like(truth, n, ns.sigma, ns.tau, ns.below)
         cm.update(truth, label)
         data.write_label(tmp / "pseudo_labels" / f"{item.id}.png", label)
         distance.write_distance_map(tmp / "distance_boundary" / f"{item.id}.png",
                                     distance.boundary_distance_map(label, lambda_c))
     miou = float(cm.compute()[2].nanmean())
     (tmp / "summary.json").write_text(json.dumps({"source": "cam_like_pseudo.py", "sigma": ns.sigma, "tau": ns.tau,
-                                                  "pseudo_miou": miou, "n_images": len(index.train)}, indent=2))
+                                                  "below": ns.below, "pseudo_miou": miou,
+                                                  "n_images": len(index.train)}, indent=2))
     tmp.rename(out)
     print(f"{len(index.train)} pseudo-labels in {out}: mIoU {100 * miou:.1f} % against the ground truth")
     return 0
