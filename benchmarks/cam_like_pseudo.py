@@ -6,11 +6,14 @@ Each foreground class's mask is blurred (Gaussian, `--sigma` px) and a pixel tak
 [τ, blurred masks of its image's classes], the way stage 1 turns CAMs into labels (`--tau` is the
 background score). The boundary distance map is recomputed from the new labels with the preset's
 λ_c; the scribble distance map is copied from `--like` (it depends on the scribbles only).
+`--below K` adds a context error: each class also takes the background up to K px under its mask
+(with `--sigma 0` the labels are otherwise the ground truth).
 
     python benchmarks/cam_like_pseudo.py --data build/bench/data \
         --like build/bench/results/stage1/clean/pseudo --sigma 6 --tau 0.15 --out build/exp/cam_like
     python benchmarks/stage1_swap.py --bench build/bench/results --data build/bench/data \
         --pseudo build/exp/cam_like --scribbles clean --runs scribble+pseudo,scribble+pseudo+lorm --epochs 15
+    python benchmarks/cam_like_pseudo.py ... --sigma 0 --below 12 --out build/exp/below12   # context errors only
 """
 from __future__ import annotations
 
