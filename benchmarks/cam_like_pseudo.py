@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from cdsp_core import config, data, distance, evaluate
 from cdsp_core.config import PseudoLabelConfig
+from cdsp_core.datasets import DISTANCE_BOUNDARY_DIR, DISTANCE_SCRIBBLE_DIR, PSEUDO_DIR
 
 
 def cam_like(ground_truth: np.ndarray, n_classes: int, sigma: float, tau: float, below: int = 0) -> np.ndarray:
@@ -66,16 +67,16 @@ def main() -> int:
         p.error(f"--out {out} exists; give a new folder")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(like / "distance_scribble", tmp / "distance_scribble")
-    (tmp / "pseudo_labels").mkdir()
-    (tmp / "distance_boundary").mkdir()
+    shutil.copytree(like / DISTANCE_SCRIBBLE_DIR, tmp / DISTANCE_SCRIBBLE_DIR)
+    (tmp / PSEUDO_DIR).mkdir()
+    (tmp / DISTANCE_BOUNDARY_DIR).mkdir()
     cm = evaluate.ConfusionMatrix(n)
     for item in index.train:
         truth = data.read_label(item.gt)
         label = cam_like(truth, n, ns.sigma, ns.tau, ns.below)
         cm.update(truth, label)
-        data.write_label(tmp / "pseudo_labels" / f"{item.id}.png", label)
-        distance.write_distance_map(tmp / "distance_boundary" / f"{item.id}.png",
+        data.write_label(tmp / PSEUDO_DIR / f"{item.id}.png", label)
+        distance.write_distance_map(tmp / DISTANCE_BOUNDARY_DIR / f"{item.id}.png",
                                     distance.boundary_distance_map(label, lambda_c))
     miou = float(cm.compute()[2].nanmean())
     (tmp / "summary.json").write_text(json.dumps({"source": "cam_like_pseudo.py", "sigma": ns.sigma, "tau": ns.tau,

@@ -48,7 +48,7 @@ def trained(tmp_path_factory):
     try:
         synth.make_dataset(root / "data", n_train=N_TRAIN, n_val=0, size=SIZE, seed=0)
         synth.make_dataset(root / "pool", n_train=N_NEW, n_val=0, size=SIZE, seed=100)
-        for folder in ("JPEGImages", "SegmentationClass"):
+        for folder in (data.IMAGE_DIR, synth.GT_DIR):
             for seen in (root / "data" / folder).iterdir():
                 shutil.copy(seen, root / "pool" / folder / f"seen_{seen.name}")
         args = ["train-seg", "--data", root / "data", "--out", root / "seg", "--preset", "cpu", "--device", "cpu",
