@@ -30,7 +30,8 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
 class ClassifierConfig:
     """Stage 1: the multi-label classifier trained on image-level labels from scribbles."""
 
-    cls_backbone: str = opt("resnet50", "classifier backbone: resnet18|resnet34|resnet50|resnet101|resnet152")
+    cls_backbone: str = opt("resnet50", "classifier backbone: resnet18|resnet34|resnet50|resnet101|resnet152|"
+                                            "mobilenet_v2")
     cls_pretrained: str = opt("", "classifier backbone weights, file or URI: ImageNet's (torchvision layout) "
                                   "or an earlier model.pt's backbone; empty: from scratch")
     cls_width: int = opt(64, "classifier backbone width (first-stage channels): 64 is torchvision's; less is "
@@ -39,6 +40,8 @@ class ClassifierConfig:
     cls_epochs: int = opt(20, "classifier training epochs")
     cls_batch_size: int = opt(16, "classifier batch size")
     cls_lr: float = opt(0.01, "classifier learning rate (SGD)")
+    cls_backbone_lr: float = opt(1.0, "classifier backbone's learning rate as a fraction of cls_lr (below 1: a "
+                                      "pretrained backbone moves slower than the new 1x1 classifier)")
     cls_crop_size: int = opt(448, "classifier training crop size")
     cls_scribble_ce: float = opt(0.0, "weight of a partial CE on scribble pixels through the CAM head (0: off)")
     cls_weight_decay: float = opt(1e-4, "classifier SGD weight decay (momentum 0.9)")
@@ -67,7 +70,7 @@ class SegTrainConfig:
     """Stage 2: CDSP segmentation training (defaults = the paper's reference recipe)."""
 
     segmenter: str = opt("deeplabv2", "segmenter: deeplabv2|deeplabv3p")
-    backbone: str = opt("resnet101", "backbone: resnet18|resnet34|resnet50|resnet101|resnet152")
+    backbone: str = opt("resnet101", "backbone: resnet18|resnet34|resnet50|resnet101|resnet152|mobilenet_v2")
     pretrained: str = opt("", "backbone weights, file or URI: ImageNet's (torchvision layout) or an earlier "
                               "model.pt's backbone (a classifier's or segmenter's); nothing is downloaded")
     width: int = opt(64, "backbone width (first-stage channels): 64 is torchvision's and needed for ImageNet "
@@ -102,8 +105,12 @@ class SegTrainConfig:
     batch_size: int = opt(16, "batch size (per process)")
     optimizer: str = opt("sgd", "sgd (with momentum, the paper's) or adamw (converges faster from scratch)")
     lr: float = opt(1e-3, "base learning rate")
+    backbone_lr: float = opt(1.0, "backbone's learning rate as a fraction of lr (below 1: a pretrained backbone "
+                                  "moves slower than the new head)")
+    freeze_bn: bool = opt(False, "keep the backbone's BatchNorm layers in eval mode while training (their ImageNet "
+                                 "statistics, not those of small batches)")
     momentum: float = opt(0.9, "SGD momentum (adamw: beta1)")
-    weight_decay: float = opt(5e-4, "SGD weight decay")
+    weight_decay: float = opt(5e-4, "weight decay")
     warmup_epochs: int = opt(5, "linear warm-up epochs before cosine decay")
     device: str = opt("auto", "auto|cpu|cuda")
     amp: bool = opt(True, "mixed precision (bf16 on CPU, fp16 with a scaler on CUDA)")
@@ -139,7 +146,9 @@ class BenchConfig:
 
 
 # Presets: named overrides of the defaults above. "paper" is the reference recipe (the
-# defaults); "cpu" trains tiny models on tiny images in minutes on a 2-core CPU.
+# defaults); "cpu" trains tiny models on tiny images in minutes on a 2-core CPU; "cpu-pretrained"
+# fine-tunes ImageNet's MobileNetV2 on ~256-px photos on a 2-core CPU (give it the weights:
+# --pretrained and --cls-pretrained).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "cpu": {
@@ -207,6 +216,40 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lambda_s": 63.5,
         "lambda_c": 9515.0,
     },
+    "cpu-pretrained": {
+        # ImageNet's MobileNetV2 in both stages, ~256-px photos (../shared/data/voc-real), a 2-core CPU:
+        # docs/benchmarks.md, "Real photos". Pass the weights with --pretrained and --cls-pretrained.
+        "cls_backbone": "mobilenet_v2",
+        "cls_output_stride": 16,
+        "cls_epochs": 2,
+        "cls_batch_size": 16,
+        "cls_lr": 0.01,
+        "cls_crop_size": 225,
+        "cls_warmup_epochs": 0,
+        "cls_amp": False,
+        "cls_workers": 1,
+        "segmenter": "deeplabv2",
+        "backbone": "mobilenet_v2",
+        "output_stride": 16,
+        "aspp_rates": "1,2,4,6",
+        "crop_size": 225,
+        "scale_min": 0.5,
+        "scale_max": 1.5,
+        "rotation": 0.0,
+        "epochs": 2,
+        "batch_size": 8,
+        "optimizer": "sgd",
+        "lr": 0.01,
+        "weight_decay": 0.0001,
+        "warmup_epochs": 0,
+        "workers": 1,
+        "amp": False,
+        "lorm_scope": "foreground",
+        "lorm_temperature": 0.1,
+        "lorm_distance": "cosine",
+        "cam_scales": "1.0,1.5",
+        "cam_threshold": 0.3,
+    },
 }
 
 
@@ -245,7 +288,8 @@ def add_arguments(parser: argparse.ArgumentParser, *classes: type) -> None:
         for f in fields_of(cls):
             _add_field(group, f, None)  # None: unset, so that build() applies the preset
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="named defaults: 'paper' (reference recipe) or 'cpu' (tiny, for a laptop)")
+                        help="named defaults: 'paper' (reference recipe), 'cpu' (tiny, for a laptop), 'cpu-pretrained' "
+                             "(ImageNet MobileNetV2 on ~256-px photos, for a laptop)")
 
 
 def add_field_argument(parser: argparse.ArgumentParser, cls: type, name: str) -> None:

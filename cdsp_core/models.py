@@ -1,12 +1,19 @@
-"""Networks: ResNet backbones, the stage-1 CAM classifier, DeepLab-v2/v3+ segmenters, LoRM.
+"""Networks: ResNet and MobileNetV2 backbones, the stage-1 CAM classifier, DeepLab-v2/v3+ segmenters, LoRM.
 
-The ResNets follow torchvision's `resnet.py` module for module, so a torchvision ImageNet
-state dict (e.g. `resnet50-0676ba61.pth`) loads into them with strict=True; torchvision
-itself is not a dependency. Unlike torchvision, BasicBlock also takes a dilation, so
-ResNet-18/34 can run at output stride 8 or 16 too, and the stem's max-pool can be left out
+The ResNets follow torchvision's `resnet.py` module for module, and MobileNetV2 its
+`mobilenetv2.py`, so a torchvision ImageNet state dict (e.g. `resnet50-0676ba61.pth`,
+`mobilenet_v2-b0353104.pth`) loads into them with strict=True; torchvision itself is not a
+dependency (its wheels are CUDA builds). Unlike torchvision, BasicBlock also takes a dilation,
+so ResNet-18/34 can run at output stride 8 or 16 too, and the stem's max-pool can be left out
 (`stem_stride` 2): small images then keep twice the resolution through layer1 and layer2.
+MobileNetV2 reaches output stride 16 or 8 the DeepLab way: its last stride-2 blocks keep stride
+1 and dilate their depthwise convolutions instead.
+
+Every backbone's `forward(x)` returns (low-level map at stride 4, last map at the output stride)
+and the attributes `low_level_channels`, `out_channels`, `output_stride`.
 
 Builders:
+    make_backbone(name, output_stride, width, stem_stride)             -> ResNet | MobileNetV2
     build_classifier(backbone, n_classes, output_stride, pretrained="") -> Classifier
     build_segmenter(name, backbone, n_classes, pretrained="")          -> DeepLabV2 | DeepLabV3Plus
     LoRM(channels)   the localisation rectification module (training only, kept outside the segmenter)
@@ -95,7 +102,7 @@ class ResNet(nn.Module):
     """torchvision's ResNet without its classification top (avgpool, fc): the backbone of the
     classifier and the segmenters, in torchvision's state-dict layout (`load_pretrained`).
 
-    `features(x)` returns (layer1 output at the stem's stride, layer4 output at the output stride).
+    `forward(x)` returns (layer1 output at the stem's stride, layer4 output at the output stride).
     `stem_stride` 4 is torchvision's stem (7×7 convolution at stride 2, then a 3×3 max-pool at
     stride 2); 2 leaves the max-pool out. Neither has weights of its own, so ImageNet weights load
     into both.
@@ -142,7 +149,7 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         low = self.layer1(x)
         return low, self.layer4(self.layer3(self.layer2(low)))
@@ -178,6 +185,99 @@ def resnet(name: str, output_stride: int = 32, width: int = 64, stem_stride: int
     return ResNet(block, layers, dilation_for_stride(output_stride, stem_stride), width, stem_stride)
 
 
+# ---------------------------------------------------------------------------- MobileNetV2
+
+
+class ConvBNReLU6(nn.Sequential):
+    """torchvision's Conv2dNormActivation as MobileNetV2 uses it: convolution, BatchNorm, ReLU6."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, dilation: int = 1):
+        super().__init__(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2 * dilation, dilation=dilation,
+                                   groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's MobileNetV2 block (`conv`: expand 1×1, depthwise 3×3, project 1×1 + BN), with a dilation."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand_ratio: int, dilation: int = 1):
+        super().__init__()
+        hidden = cin * expand_ratio
+        self.use_res_connect = stride == 1 and cin == cout
+        layers: list[nn.Module] = [ConvBNReLU6(cin, hidden, 1)] if expand_ratio != 1 else []
+        layers += [ConvBNReLU6(hidden, hidden, 3, stride, groups=hidden, dilation=dilation),
+                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+# (expand ratio t, channels c, blocks n, stride s of the first block): torchvision's / the paper's table 2
+MOBILENET_V2_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                        (6, 320, 1, 1))
+MOBILENET_V2_LOW_LEVEL = 4  # features[:4] ends at stride 4 (24 channels): DeepLab-v3+'s low-level features
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's MobileNetV2 (width 1.0) without its classification top (`classifier`): `features.0`..`18`.
+
+    The last map is that of `features.18`, the 1×1 convolution to 1280 channels, the layer the
+    ImageNet classifier reads: it is trained, so both stages start from all of the ImageNet network
+    (and its state dict loads strictly). Output stride 32, 16 or 8: the stride-2 blocks past it keep
+    stride 1 and their stage's later blocks dilate their depthwise convolutions (as ResNet layers do).
+    """
+
+    def __init__(self, output_stride: int = 32):
+        super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise CdspError(f"output stride must be 8, 16 or 32 for mobilenet_v2, got {output_stride}")
+        stride, dilation = 2, 1
+        layers: list[nn.Module] = [ConvBNReLU6(3, 32, stride=2)]
+        cin = 32
+        for t, c, n, s in MOBILENET_V2_SETTING:
+            previous_dilation = dilation
+            if stride * s > output_stride:  # keep the resolution, grow the receptive field instead
+                dilation *= s
+                s = 1
+            stride *= s
+            for i in range(n):
+                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t,
+                                               previous_dilation if i == 0 else dilation))
+                cin = c
+        layers.append(ConvBNReLU6(cin, 1280, 1))
+        self.features = nn.Sequential(*layers)
+        self.low_level_channels = 24
+        self.out_channels = 1280
+        self.output_stride = output_stride
+
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        low = self.features[:MOBILENET_V2_LOW_LEVEL](x)
+        return low, self.features[MOBILENET_V2_LOW_LEVEL:](low)
+
+
+BACKBONES = (*RESNETS, "mobilenet_v2")
+
+
+def make_backbone(name: str, output_stride: int = 32, width: int = 64, stem_stride: int = 4) -> ResNet | MobileNetV2:
+    """A backbone by name: a ResNet (`resnet`) or MobileNetV2, whose width and stem are torchvision's only."""
+    if name == "mobilenet_v2":
+        if width != 64 or stem_stride != 4:
+            raise CdspError(f"mobilenet_v2 has torchvision's width and stem only: width 64 and stem stride 4, "
+                            f"got {width} and {stem_stride}")
+        return MobileNetV2(output_stride)
+    if name not in RESNETS:
+        raise CdspError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)})")
+    return resnet(name, output_stride, width, stem_stride)
+
+
 # ---------------------------------------------------------------------------- pretrained weights
 
 
@@ -195,20 +295,23 @@ def _torch_load(path: str | Path, name: str) -> object:
 
 
 BACKBONE_PREFIX = "backbone."  # the backbone's entries in a classifier's or segmenter's state dict
+IMAGENET_TOPS = ("fc.", "classifier.")  # torchvision's classification tops: ResNet's, MobileNetV2's
+BACKBONE_TYPES = (ResNet, MobileNetV2)
 
 
 def load_pretrained(model: nn.Module, path_or_uri: str) -> nn.Module:
-    """Load ResNet weights (a file or a storage URI) into `model`'s backbone, strictly.
+    """Load backbone weights (a file or a storage URI) into `model`'s backbone, strictly.
 
-    `model` is a ResNet, or a network with a ResNet `.backbone`. The weights are torchvision's layout
-    (ImageNet files; their `fc.*` entries, a classification top our ResNet has not, are dropped) or
+    `model` is a backbone (ResNet, MobileNetV2), or a network with one as `.backbone`. The weights are
+    torchvision's layout (ImageNet files; their classification top, a ResNet's `fc.*` or a MobileNetV2's
+    `classifier.*`, which our backbones have not, is dropped) or
     one of our model files (a classifier's or segmenter's model.pt: its `backbone.*` entries, so a
     run can start from an earlier one's backbone, at any width). Any missing, unexpected or
     misshapen entry is a CdspError naming the file (ImageNet weights fit only width 64). Loaded
     with torch.load(weights_only=True); a URI (s3://...) is first downloaded to a temporary file
     through `cdsp_core.storage`.
     """
-    target = model.backbone if isinstance(getattr(model, "backbone", None), ResNet) else model
+    target = model.backbone if isinstance(getattr(model, "backbone", None), BACKBONE_TYPES) else model
     if "://" in path_or_uri:
         from cdsp_core import storage  # lazily: boto3 is only needed for URIs
 
@@ -222,7 +325,7 @@ def load_pretrained(model: nn.Module, path_or_uri: str) -> nn.Module:
         raise CdspError(f"{path_or_uri}: not a state dict of tensors")
     if any(k.startswith(BACKBONE_PREFIX) for k in state):  # our model file: its backbone alone
         state = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k: v for k, v in state.items() if not k.startswith(IMAGENET_TOPS)}
 
     own = target.state_dict()
     # BatchNorm fills in num_batches_tracked when old torchvision files lack it.
@@ -250,7 +353,7 @@ class Classifier(nn.Module):
     convolution are both linear, the logits equal the spatial mean of the class maps w_c·F.
     """
 
-    def __init__(self, backbone: ResNet, n_classes: int):
+    def __init__(self, backbone: ResNet | MobileNetV2, n_classes: int):
         super().__init__()
         self.backbone = backbone
         self.n_classes = n_classes
@@ -258,12 +361,12 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image-level logits B×(C−1)."""
-        pooled = self.backbone.features(x)[1].mean((2, 3), keepdim=True)
+        pooled = self.backbone(x)[1].mean((2, 3), keepdim=True)
         return self.classifier(pooled).flatten(1)
 
     def class_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_c·F, the class maps B×(C−1)×h×w before ReLU, and the logits B×(C−1) = their mean)."""
-        maps = self.classifier(self.backbone.features(x)[1])
+        maps = self.classifier(self.backbone(x)[1])
         return maps, maps.mean((2, 3))
 
     def forward_cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +379,7 @@ def build_classifier(backbone: str, n_classes: int, output_stride: int = 16, pre
                      width: int = 64) -> Classifier:
     """The stage-1 classifier; `pretrained` is a weight file or URI for its backbone (`load_pretrained`;
     "" = from scratch)."""
-    model = Classifier(resnet(backbone, output_stride, width=width), n_classes)
+    model = Classifier(make_backbone(backbone, output_stride, width=width), n_classes)
     if pretrained:
         load_pretrained(model, pretrained)
     return model
@@ -288,7 +391,7 @@ def build_classifier(backbone: str, n_classes: int, output_stride: int = 16, pre
 class DeepLabV2(nn.Module):
     """DeepLab-v2: ASPP-v2 = four parallel 3×3 atrous convolutions (6/12/18/24) to class scores, summed."""
 
-    def __init__(self, backbone: ResNet, n_classes: int, rates: Sequence[int] = (6, 12, 18, 24)):
+    def __init__(self, backbone: ResNet | MobileNetV2, n_classes: int, rates: Sequence[int] = (6, 12, 18, 24)):
         super().__init__()
         self.backbone = backbone
         self.n_classes = n_classes
@@ -299,7 +402,7 @@ class DeepLabV2(nn.Module):
             nn.init.constant_(conv.bias, 0)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.backbone.features(x)[1]
+        features = self.backbone(x)[1]
         logits = sum(branch(features) for branch in self.aspp)
         out = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return {"out": out, "features": features}
@@ -338,7 +441,7 @@ class DeepLabV3Plus(nn.Module):
     """DeepLab-v3+: ASPP (1/6/12/18 + image pooling) on the last map, decoder with the layer1 map (stride 4, or 2
     without the stem's max-pool)."""
 
-    def __init__(self, backbone: ResNet, n_classes: int, rates: Sequence[int] = (6, 12, 18)):
+    def __init__(self, backbone: ResNet | MobileNetV2, n_classes: int, rates: Sequence[int] = (6, 12, 18)):
         super().__init__()
         self.backbone = backbone
         self.n_classes = n_classes
@@ -351,7 +454,7 @@ class DeepLabV3Plus(nn.Module):
             nn.Conv2d(256, n_classes, 1))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        low, features = self.backbone.features(x)
+        low, features = self.backbone(x)
         y = F.interpolate(self.aspp(features), size=low.shape[-2:], mode="bilinear", align_corners=False)
         logits = self.decoder(torch.cat([self.project_low(low), y], dim=1))
         out = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
@@ -374,7 +477,7 @@ def parse_rates(text: str) -> tuple[int, ...]:
 
 def build_segmenter(name: str, backbone: str, n_classes: int, pretrained: str = "",
                     output_stride: int = 8, width: int = 64, aspp_rates: str = "", stem_stride: int = 4) -> nn.Module:
-    """DeepLab-v2 ("deeplabv2") or DeepLab-v3+ ("deeplabv3p") on a ResNet at output stride 8 (or 16).
+    """DeepLab-v2 ("deeplabv2") or DeepLab-v3+ ("deeplabv3p") on a ResNet or MobileNetV2 at output stride 8 (or 16).
 
     `pretrained` loads ImageNet weights or an earlier model's backbone into the backbone
     (`load_pretrained`; "" = from scratch).
@@ -384,7 +487,7 @@ def build_segmenter(name: str, backbone: str, n_classes: int, pretrained: str = 
     if name not in SEGMENTERS:
         raise CdspError(f"unknown segmenter {name!r} (choose from {', '.join(SEGMENTERS)})")
     rates = parse_rates(aspp_rates)
-    model = SEGMENTERS[name](resnet(backbone, output_stride, width=width, stem_stride=stem_stride), n_classes,
+    model = SEGMENTERS[name](make_backbone(backbone, output_stride, width=width, stem_stride=stem_stride), n_classes,
                              **({"rates": rates} if rates else {}))
     if pretrained:
         load_pretrained(model, pretrained)

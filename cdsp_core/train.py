@@ -246,7 +246,7 @@ def train_one_epoch(net: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Opti
                     device: torch.device, epoch: int, *, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None,
                     step: int = 0, first_batch: int = 0, stop: StopOnSigterm | None = None,
                     after_step: Callable[[int, int], None] | None = None,
-                    show: bool = True) -> tuple[dict[str, float], int]:
+                    show: bool = True, frozen: tuple[nn.Module, ...] = ()) -> tuple[dict[str, float], int]:
     """One pass over `loader` (batches counted from `first_batch` in a resumed epoch) → (mean metrics, step).
 
     Raises NonFiniteLoss before the optimiser touches a NaN/inf loss, Preempted after the step
@@ -254,8 +254,11 @@ def train_one_epoch(net: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Opti
     SIGTERM in the epoch's last step lets the epoch end (with `stop.requested` set on every
     rank): a checkpoint after the last batch would resume into an empty epoch.
     `after_step(batches done in this epoch, step)` runs after every other step (timed checkpoints).
+    `frozen` modules stay in eval mode (frozen BatchNorm statistics).
     """
     net.train()
+    for module in frozen:
+        module.eval()
     distributed = dist.is_available() and dist.is_initialized()
     sums: dict[str, float] = {}
     n_batches = n_images = 0
@@ -301,7 +304,24 @@ def train_one_epoch(net: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Opti
     return metrics, step
 
 
+def in_backbone(name: str) -> bool:
+    """Whether a parameter or module name of a training network lies in its backbone."""
+    return f".{models.BACKBONE_PREFIX}" in f".{name}"
+
+
+def param_groups(net: nn.Module, backbone_lr: float) -> list[dict]:
+    """The backbone's parameters at `backbone_lr` times the learning rate, the rest (heads, LoRM) at 1."""
+    if not backbone_lr >= 0:  # also NaN
+        raise CdspError(f"backbone learning-rate factor must be >= 0, got {backbone_lr}")
+    named = list(net.named_parameters())
+    return [{"params": [p for n, p in named if in_backbone(n)], "lr_factor": backbone_lr},
+            {"params": [p for n, p in named if not in_backbone(n)], "lr_factor": 1.0}]
+
+
 def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD or AdamW; a param group's `lr_factor` scales `lr` for that group."""
+    if isinstance(params, list) and params and isinstance(params[0], dict):
+        params = [{**g, "lr": lr * g.get("lr_factor", 1.0)} for g in params]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
@@ -315,14 +335,16 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
         weight_decay: float, warmup_epochs: int, workers: int, amp: bool, device: torch.device, seed: int,
         resume: bool, on_metrics: MetricsCallback | None,
         validate: Callable[[nn.Module, torch.device], float] | None = None,
-        on_checkpoint: Callable[[Path], None] | None = None, checkpoint_minutes: float = 0.0) -> dict:
+        on_checkpoint: Callable[[Path], None] | None = None, checkpoint_minutes: float = 0.0,
+        backbone_lr: float = 1.0, freeze_bn: bool = False) -> dict:
     """Train `net` on `dataset` and write the model folder; the shared body of both stages.
 
     A checkpoint is written after every epoch, on SIGTERM, and, when `checkpoint_minutes` > 0,
     within an epoch once that long has passed since the last one (it records the batches done,
     so `resume` continues mid-epoch). `on_checkpoint(path)` runs after every checkpoint write
     (on rank 0), e.g. to copy it to storage that outlives the pod, so that a retried pipeline
-    step can resume from it.
+    step can resume from it. The backbone learns at `backbone_lr` times `lr`, and with `freeze_bn` its
+    BatchNorm layers keep their statistics (eval mode).
     """
     out = Path(out_dir)
     ckpt_path = out / modelfolder.CHECKPOINT
@@ -336,7 +358,9 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
     seed_everything(seed + rank)  # the model is built already; DDP broadcasts rank 0's weights
 
     net.to(device, memory_format=torch.channels_last)  # faster convolutions on CUDA and on CPU (oneDNN)
-    optimizer = make_optimizer(optimizer_name, net.parameters(), lr, momentum, weight_decay)
+    optimizer = make_optimizer(optimizer_name, param_groups(net, backbone_lr), lr, momentum, weight_decay)
+    frozen = tuple(m for n, m in net.named_modules()
+                   if freeze_bn and isinstance(m, nn.modules.batchnorm._BatchNorm) and in_backbone(n))
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", drop_last=True,
@@ -409,7 +433,8 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
             try:
                 metrics, step = train_one_epoch(ddp, loss_fn, optimizer, scheduler, loader, device, epoch,
                                                 scaler=scaler, amp_dtype=amp_dtype, step=step, first_batch=skip,
-                                                stop=stop, after_step=timed_checkpoint(epoch), show=is_main)
+                                                stop=stop, after_step=timed_checkpoint(epoch), show=is_main,
+                                                frozen=frozen)
             except NonFiniteLoss as e:
                 kept = f"the last good checkpoint {ckpt_path} (epoch {epoch}) is kept" if ckpt_path.exists() \
                     else "no checkpoint was written"
@@ -517,7 +542,7 @@ def train_classifier(data_dir: str, out_dir: str, cfg: ClassifierConfig, *, devi
                epochs=cfg.cls_epochs, batch_size=cfg.cls_batch_size, lr=cfg.cls_lr, momentum=CLS_MOMENTUM,
                weight_decay=cfg.cls_weight_decay, warmup_epochs=cfg.cls_warmup_epochs, workers=cfg.cls_workers,
                amp=cfg.cls_amp, device=evaluate.resolve_device(device), seed=seed, resume=resume,
-               on_metrics=on_metrics, on_checkpoint=on_checkpoint,
+               on_metrics=on_metrics, on_checkpoint=on_checkpoint, backbone_lr=cfg.cls_backbone_lr,
                checkpoint_minutes=checked_minutes("cls_checkpoint_minutes", cfg.cls_checkpoint_minutes))
 
 
@@ -647,7 +672,8 @@ def train_segmenter(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: Se
                workers=cfg.workers, amp=cfg.amp, device=evaluate.resolve_device(cfg.device), seed=cfg.seed,
                resume=resume, on_metrics=on_metrics, validate=_val_miou(val_items, n) if val_items else None,
                on_checkpoint=on_checkpoint, checkpoint_minutes=checked_minutes("checkpoint_minutes",
-                                                                              cfg.checkpoint_minutes))
+                                                                              cfg.checkpoint_minutes),
+               backbone_lr=cfg.backbone_lr, freeze_bn=cfg.freeze_bn)
 
 
 def to_flags(cfg) -> list[str]:

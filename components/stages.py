@@ -74,6 +74,7 @@ def train_classifier(
     cls_epochs: int = 20,
     cls_batch_size: int = 16,
     cls_lr: float = 0.01,
+    cls_backbone_lr: float = 1.0,
     cls_crop_size: int = 448,
     cls_scribble_ce: float = 0.0,
     cls_weight_decay: float = 0.0001,
@@ -91,7 +92,7 @@ def train_classifier(
         cls_gpus: GPUs for the classifier, CAM and evaluation steps, a whole number (0: run them on CPU)
         device: auto|cpu|cuda
         seed: random seed
-        cls_backbone: classifier backbone: resnet18|resnet34|resnet50|resnet101|resnet152
+        cls_backbone: classifier backbone: resnet18|resnet34|resnet50|resnet101|resnet152|mobilenet_v2
         cls_pretrained: classifier backbone weights, file or URI: ImageNet's (torchvision layout) or an earlier
             model.pt's backbone; empty: from scratch
         cls_width: classifier backbone width (first-stage channels): 64 is torchvision's; less is cheaper, for
@@ -100,6 +101,8 @@ def train_classifier(
         cls_epochs: classifier training epochs
         cls_batch_size: classifier batch size
         cls_lr: classifier learning rate (SGD)
+        cls_backbone_lr: classifier backbone's learning rate as a fraction of cls_lr (below 1: a pretrained backbone
+            moves slower than the new 1x1 classifier)
         cls_crop_size: classifier training crop size
         cls_scribble_ce: weight of a partial CE on scribble pixels through the CAM head (0: off)
         cls_weight_decay: classifier SGD weight decay (momentum 0.9)
@@ -120,6 +123,7 @@ def train_classifier(
         cls_epochs=cls_epochs,
         cls_batch_size=cls_batch_size,
         cls_lr=cls_lr,
+        cls_backbone_lr=cls_backbone_lr,
         cls_crop_size=cls_crop_size,
         cls_scribble_ce=cls_scribble_ce,
         cls_weight_decay=cls_weight_decay,
@@ -235,6 +239,8 @@ def train_segmenter(
     batch_size: int = 16,
     optimizer: str = "sgd",
     lr: float = 0.001,
+    backbone_lr: float = 1.0,
+    freeze_bn: bool = False,
     momentum: float = 0.9,
     weight_decay: float = 0.0005,
     warmup_epochs: int = 5,
@@ -253,7 +259,7 @@ def train_segmenter(
         pipeline_run_id: the KFP run id (labels MLflow runs and Prometheus metrics)
         gpus: GPUs for segmentation training, a whole number; more than one runs DDP through torchrun in the pod
         segmenter: segmenter: deeplabv2|deeplabv3p
-        backbone: backbone: resnet18|resnet34|resnet50|resnet101|resnet152
+        backbone: backbone: resnet18|resnet34|resnet50|resnet101|resnet152|mobilenet_v2
         pretrained: backbone weights, file or URI: ImageNet's (torchvision layout) or an earlier model.pt's backbone (a
             classifier's or segmenter's); nothing is downloaded
         width: backbone width (first-stage channels): 64 is torchvision's and needed for ImageNet weights; less is
@@ -287,8 +293,12 @@ def train_segmenter(
         batch_size: batch size (per process)
         optimizer: sgd (with momentum, the paper's) or adamw (converges faster from scratch)
         lr: base learning rate
+        backbone_lr: backbone's learning rate as a fraction of lr (below 1: a pretrained backbone moves slower than the
+            new head)
+        freeze_bn: keep the backbone's BatchNorm layers in eval mode while training (their ImageNet statistics, not
+            those of small batches)
         momentum: SGD momentum (adamw: beta1)
-        weight_decay: SGD weight decay
+        weight_decay: weight decay
         warmup_epochs: linear warm-up epochs before cosine decay
         device: auto|cpu|cuda
         amp: mixed precision (bf16 on CPU, fp16 with a scaler on CUDA)
@@ -326,6 +336,8 @@ def train_segmenter(
         batch_size=batch_size,
         optimizer=optimizer,
         lr=lr,
+        backbone_lr=backbone_lr,
+        freeze_bn=freeze_bn,
         momentum=momentum,
         weight_decay=weight_decay,
         warmup_epochs=warmup_epochs,

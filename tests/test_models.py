@@ -97,7 +97,7 @@ def test_output_strides(name, device):
         for stride in (8, 16, 32):
             model = resnet(name, output_stride=stride).eval()
             with torch.no_grad():
-                low, out = model.features(x)
+                low, out = model(x)
             assert model.output_stride == stride
             assert out.shape == (1, model.out_channels, 64 // stride, 64 // stride)
             assert low.shape == (1, model.low_level_channels, 16, 16)
@@ -108,7 +108,7 @@ def test_a_stem_without_max_pool_doubles_the_early_resolution_and_keeps_the_outp
     for stride in (4, 8, 16):
         model = resnet("resnet18", output_stride=stride, width=8, stem_stride=2).eval()
         with torch.no_grad():
-            low, out = model.features(x)
+            low, out = model(x)
         assert model.output_stride == stride
         assert out.shape == (1, model.out_channels, 64 // stride, 64 // stride)
         assert low.shape == (1, model.low_level_channels, 32, 32)  # layer1 at stride 2, not 4
@@ -163,7 +163,7 @@ def test_narrow_resnets_keep_the_layout_and_refuse_imagenet_weights(tmp_path):
     standard = resnet("resnet18", output_stride=8)
     assert list(narrow.state_dict()) == list(standard.state_dict())  # the same modules, fewer channels
     assert narrow.layer4[1].conv2.weight.shape == (128, 128, 3, 3) and narrow.out_channels == 128
-    low, out = narrow.features(torch.randn(1, 3, 64, 64))
+    low, out = narrow(torch.randn(1, 3, 64, 64))
     assert low.shape == (1, 16, 16, 16) and out.shape == (1, 128, 8, 8)
     seg = build_segmenter("deeplabv2", "resnet18", 6, output_stride=8, width=16)
     assert seg(torch.randn(2, 3, 48, 48))["out"].shape == (2, 6, 48, 48)

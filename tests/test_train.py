@@ -290,3 +290,43 @@ def test_adamw_narrow_and_at_output_stride_16_trains_and_the_model_reloads_so(ti
     # with LoRM off, its settings do not matter
     train_seg(tiny, tmp_path / "y", epochs=1, l_lorm=0.0, l_ds=0.0, l_dc=0.0, lorm_distance="cosine", lorm_scope="all")
     assert "loss_lorm" not in history(tmp_path / "y")[0]
+
+
+def test_backbone_learning_rate_factor_and_frozen_batchnorm(tiny, tmp_path):
+    out = tmp_path / "m"
+    torch.manual_seed(TINY["seed"])  # the initial weights of the run
+    before = models.build_segmenter("deeplabv2", "resnet18", len(synth.CLASSES)).state_dict()
+    train_seg(tiny, out, epochs=1, backbone_lr=0.0, freeze_bn=True, weight_decay=0.0, l_lorm=0.0)
+    after = torch.load(out / "model.pt", weights_only=True)
+    backbone = [k for k in before if k.startswith("backbone.")]
+    # lr factor 0 and frozen statistics: the backbone is ImageNet's (here: the seed's) still, the head learnt
+    assert all(torch.equal(before[k], after[k]) for k in backbone if not k.endswith("num_batches_tracked"))
+    assert not torch.equal(before["aspp.0.weight"], after["aspp.0.weight"])
+    groups = torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [0.0, 0.01]
+    train_seg(tiny, tmp_path / "half", epochs=1, backbone_lr=0.5, l_lorm=0.0)
+    groups = torch.load(tmp_path / "half" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [0.005, 0.01]
+    # trained BatchNorm moves its statistics
+    moved = torch.load(tmp_path / "half" / "model.pt", weights_only=True)
+    assert not torch.equal(moved["backbone.bn1.running_mean"], before["backbone.bn1.running_mean"])
+    with pytest.raises(CdspError, match="backbone learning-rate factor must be >= 0, got -1"):
+        train_seg(tiny, tmp_path / "x", epochs=1, backbone_lr=-1.0, l_lorm=0.0)
+
+
+def test_cpu_pretrained_preset_fine_tunes_a_mobilenet_v2_from_torchvision_weights(tiny, tmp_path):
+    from test_mobilenet import fake_torchvision_weights
+
+    weights = tmp_path / "mobilenet_v2.pth"
+    torch.save(fake_torchvision_weights(), weights)
+    seg = config.build(SegTrainConfig, "cpu-pretrained")
+    cls = config.build(config.ClassifierConfig, "cpu-pretrained")
+    assert (seg.backbone, cls.cls_backbone, seg.output_stride, cls.cls_output_stride) == \
+        ("mobilenet_v2", "mobilenet_v2", 16, 16)
+    args = ["train-seg", "--data", str(tiny / "data"), "--pseudo", str(tiny / "pseudo"), "--out", str(tmp_path / "m"),
+            "--preset", "cpu-pretrained", "--pretrained", str(weights), "--epochs", "1", "--batch-size", "2",
+            "--crop-size", "33", "--workers", "0", "--device", "cpu"]
+    assert cli.main(args) == 0
+    model, info = evaluate.load_model(str(tmp_path / "m"), "cpu", kind="segmenter")
+    assert info["backbone"] == "mobilenet_v2" and isinstance(model.backbone, models.MobileNetV2)
+    assert len(history(tmp_path / "m")) == 1
