@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_DIR ?= build/demo
 
-.PHONY: install test test-fast test-services lint components demo pipeline submit images bench mlflow-ui screenshots clean
+.PHONY: install test test-fast test-services lint components demo pipeline submit images bench bench-real mlflow-ui screenshots clean
 
 install: $(VENV)/.installed
 
@@ -113,6 +113,24 @@ bench: install
 	@test -f $(BENCH_DIR)/data/synth.json || $(VENV)/bin/cdsp synth --out $(BENCH_DIR)/data
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/cdsp bench --data $(BENCH_DIR)/data --out $(BENCH_DIR)/results \
 	  --preset cpu --seeds 3 --epochs 15 --jobs 2 $(BENCH_ARGS)
+
+# The same ablation on real photos: ../shared/data/voc-real (PASCAL VOC, 7 classes), `cpu-pretrained` preset
+# (ImageNet's MobileNetV2 in both stages), reported on voc-real's val split (220 photos). To fit an hour on
+# 2 cores it trains on the first BENCH_REAL_TRAIN training photos of a fixed random order
+# (benchmarks/carve_split.py: a view of symlinks, nothing copied), 2 paired seeds, two runs at a time;
+# docs/benchmarks.md, "Real photos". BENCH_REAL_ARGS takes more flags (cdsp bench -h).
+VOC_REAL ?= ../shared/data/voc-real
+MNV2_WEIGHTS ?= ../shared/data/imagenet-mobilenet-v2/mobilenet_v2_imagenet.pth
+BENCH_REAL_DIR ?= build/bench-real
+BENCH_REAL_TRAIN ?= 500
+BENCH_REAL_RUNS ?= scribble-only,pseudo-only,scribble+pseudo,scribble+pseudo+lorm,scribble+pseudo+del,cdsp,cdsp-paper-lorm,full-supervision
+BENCH_REAL_ARGS ?=
+bench-real: install
+	@test -d $(VOC_REAL) && test -f $(MNV2_WEIGHTS) || { echo "make bench-real: needs $(VOC_REAL) and $(MNV2_WEIGHTS) (set VOC_REAL, MNV2_WEIGHTS)" >&2; exit 2; }
+	$(PY) benchmarks/carve_split.py --data $(VOC_REAL) --out $(BENCH_REAL_DIR)/data --holdout 0 --train $(BENCH_REAL_TRAIN)
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/cdsp bench --data $(BENCH_REAL_DIR)/data --out $(BENCH_REAL_DIR)/results \
+	  --preset cpu-pretrained --pretrained $(MNV2_WEIGHTS) --cls-pretrained $(MNV2_WEIGHTS) --seeds 2 --jobs 2 \
+	  --runs $(BENCH_REAL_RUNS) $(BENCH_REAL_ARGS)
 
 # The MLflow dashboard over the embedded store (mlflow.db and mlruns/ in this folder), on
 # localhost only: runs of `make demo` and `make bench` side by side. MLFLOW_UI_PORT=5000.

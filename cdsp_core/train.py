@@ -429,7 +429,7 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
         for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch)
             sampler.skip = skip * batch_size
-            lr_now = optimizer.param_groups[0]["lr"]
+            lr_now = optimizer.param_groups[-1]["lr"]  # the base rate (the backbone's group may be scaled)
             try:
                 metrics, step = train_one_epoch(ddp, loss_fn, optimizer, scheduler, loader, device, epoch,
                                                 scaler=scaler, amp_dtype=amp_dtype, step=step, first_batch=skip,
