@@ -147,3 +147,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         gt.unlink()
     assert cli.main(["bench", "--data", str(data), "--out", str(tmp_path / "d"), *TINY]) == 2
     assert "no val images with ground truth" in capsys.readouterr().err
+
+
+def test_the_cpu_pretrained_preset_checks_the_real_photo_targets():
+    rows = {name: {"miou": {"mean": v}} for name, v in
+            {"cdsp": 0.70, "scribble-only": 0.66, "full-supervision": 0.76}.items()}
+    real = {c["target"]: (round(c["value"], 4), c["met"], c["unit"]) for c in bench.checks(rows, "cpu-pretrained")}
+    assert real == {
+        "full-supervision >= 0.72 mIoU (86% of the fully supervised ceiling 0.834)": (0.76, True, "miou"),
+        "cdsp >= scribble-only + 0.03 mIoU": (0.04, True, "points"),
+        "cdsp >= 90% of full-supervision": (0.9211, True, "share"),
+        "moonshot: cdsp >= 0.75 mIoU (90% of the ceiling)": (0.70, False, "miou")}
+    synthetic = [c["target"] for c in bench.checks(rows, "cpu")]
+    assert synthetic == ["cdsp >= scribble-only + 0.03 mIoU", "cdsp >= 95% of full-supervision"]
