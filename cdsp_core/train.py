@@ -318,10 +318,10 @@ def param_groups(net: nn.Module, backbone_lr: float) -> list[dict]:
             {"params": [p for n, p in named if not in_backbone(n)], "lr_factor": 1.0}]
 
 
-def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    """SGD or AdamW; a param group's `lr_factor` scales `lr` for that group."""
-    if isinstance(params, list) and params and isinstance(params[0], dict):
-        params = [{**g, "lr": lr * g.get("lr_factor", 1.0)} for g in params]
+def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """SGD or AdamW over `param_groups`, each group at its `lr_factor` times `lr`."""
+    params = [{**g, "lr": lr * g["lr_factor"]} for g in groups]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
