@@ -247,8 +247,8 @@ class MobileNetV2(nn.Module):
                 cin = c
         layers.append(ConvBNReLU6(cin, 1280, 1))
         self.features = nn.Sequential(*layers)
-        self.low_level_channels = 24
-        self.out_channels = 1280
+        self.low_level_channels = layers[MOBILENET_V2_LOW_LEVEL - 1].conv[-1].num_features
+        self.out_channels = layers[-1][1].num_features
         self.output_stride = output_stride
 
         for m in self.modules():  # torchvision's initialisation

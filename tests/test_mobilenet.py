@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cdsp_core import data, models, transforms
 from cdsp_core.errors import CdspError
@@ -155,12 +156,10 @@ def test_the_shared_imagenet_file_loads_strictly_and_sees_cats_and_dogs(imagenet
     top.load_state_dict({"weight": state["classifier.1.weight"], "bias": state["classifier.1.bias"]})
     photos = cat_and_dog_photos(10)
     assert len(photos) == 10
-    mean = torch.tensor(transforms.IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(transforms.IMAGENET_STD)[:, None, None]
     animal_top1, mass = 0, []
     for item, name in photos:
-        image = torch.from_numpy(np.array(data.read_image(item.image))).permute(2, 0, 1).float() / 255
-        x = torch.nn.functional.interpolate(((image - mean) / std)[None], size=(225, 225), mode="bilinear")
+        image = transforms.to_normalized_tensor(Image.fromarray(data.read_image(item.image)))
+        x = torch.nn.functional.interpolate(image[None], size=(225, 225), mode="bilinear")
         with torch.no_grad():
             p = top(clf.backbone(x)[1].mean((2, 3)))[0].softmax(0)
         animal_top1 += int(p.argmax()) in ANIMALS
