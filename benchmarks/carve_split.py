@@ -14,7 +14,7 @@ import argparse
 import random
 from pathlib import Path
 
-from cdsp_core import data
+from cdsp_core import data, outputs
 
 
 def carve(root: Path, out: Path, holdout: int, train: int | None = None, seed: int = 0) -> tuple[int, int]:
@@ -25,7 +25,7 @@ def carve(root: Path, out: Path, holdout: int, train: int | None = None, seed: i
     rest = rest[:train] if train else rest
     out.mkdir(parents=True, exist_ok=True)
     for entry in root.resolve().iterdir():
-        if entry.name not in ("ImageSets", data.MANIFEST) and not (out / entry.name).exists():
+        if entry.name not in ("ImageSets", data.MANIFEST, outputs.MARKER) and not (out / entry.name).exists():
             (out / entry.name).symlink_to(entry)
     splits = out / "ImageSets" / "Segmentation"
     splits.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,8 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import iterparse
 from PIL import Image
 
+from cdsp_core import data
+from cdsp_core.credentials import redact
 from cdsp_core.errors import CdspError
 
 MAX_EXPORT_BYTES = 512 * 2**20  # an export over this is refused rather than read into memory
@@ -72,19 +74,32 @@ class Annotated:
 
 
 def image_id(name: str) -> str:
-    """The dataset id of an image path or URL: its file name without the extension."""
+    """The dataset id of an image path or URL: its file name without the extension (ValueError: why
+    it has none that can name the scribble PNG)."""
     stem = PurePosixPath(name.replace("\\", "/")).stem
     if not stem or stem.startswith("."):
-        raise ValueError(f"image name {name!r} has no usable file name")
-    return stem
+        raise ValueError(f"image name {name[:80]!r} has no usable file name")
+    return data.check_id(stem)
 
 
 def _pixel(x: float, y: float, size: tuple[int, int], off: list[int]) -> tuple[int, int]:
-    """The pixel a continuous point falls in, clamped to the image; counts clamped points in off[0]."""
+    """The pixel a finite point falls in, clamped to the image; counts clamped points in off[0]."""
     w, h = size
     if not (0 <= x <= w and 0 <= y <= h):
         off[0] += 1
-    return min(max(math.floor(x), 0), w - 1), min(max(math.floor(y), 0), h - 1)
+    # clamped before floor: a point far off the image (1e308, or inf once scaled) is a border pixel
+    return math.floor(min(max(x, 0), w - 1)), math.floor(min(max(y, 0), h - 1))
+
+
+def _finite(v: object) -> float | None:
+    """A JSON number as a finite float, else None (a bool, NaN, an infinity, an int too large for a float)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _clamp_warning(off: list[int], what: str) -> list[str]:
@@ -98,12 +113,12 @@ def _whole(v: object) -> int | None:
         return v
     if isinstance(v, float) and v.is_integer():
         return int(v)
-    if isinstance(v, str) and v.strip().isdigit():
+    if isinstance(v, str) and re.fullmatch(r"\s*[0-9]{1,12}\s*", v):  # ASCII digits ("²".isdigit() too)
         return int(v)
     return None
 
 
-def _check_size(where: str, width: object, height: object) -> tuple[int, int]:
+def check_size(where: str, width: object, height: object) -> tuple[int, int]:
     """An image size from an export: whole numbers >= 1, within Pillow's decompression-bomb limit."""
     w, h = _whole(width), _whole(height)
     if w is None or h is None or w < 1 or h < 1:
@@ -193,7 +208,7 @@ def _cvat_image(elem: Element, path: Path) -> Annotated:
         ident = image_id(name)
     except ValueError as e:
         raise CdspError(f"{where}: {e}") from e
-    size = _check_size(where, elem.get("width"), elem.get("height"))
+    size = check_size(where, elem.get("width"), elem.get("height"))
     image = Annotated(ident, name, size)
     shapes, skipped, off = [], {}, [0]
     for n, shape in enumerate(elem, start=1):
@@ -300,8 +315,11 @@ def _ls_image_name(task: dict, where: str) -> str:
         (urls[0] if len(urls) == 1 else None)
     if url is None:
         raise CdspError(f"{where}: no image URL in data (expected data.image)")
-    parsed = urlparse(url)
-    local = parse_qs(parsed.query).get("d")  # local files: /data/local-files/?d=dir/x.jpg
+    try:
+        parsed = urlparse(url)
+        local = parse_qs(parsed.query).get("d")  # local files: /data/local-files/?d=dir/x.jpg
+    except ValueError as e:  # e.g. "http://[x" (not an IPv6 address)
+        raise CdspError(f"{where}: image URL {redact(url)[:120]!r} cannot be parsed: {e}") from e
     name = (local[0] if local else unquote(parsed.path)).rsplit("/", 1)[-1]
     if parsed.path.startswith("/data/upload/"):
         name = re.sub(r"^[0-9a-f]{8}-", "", name)  # uploads are stored as <8 hex digits>-<name>
@@ -309,7 +327,7 @@ def _ls_image_name(task: dict, where: str) -> str:
 
 
 def _ls_size(result: dict, where: str) -> tuple[int, int]:
-    return _check_size(where, result.get("original_width"), result.get("original_height"))
+    return check_size(where, result.get("original_width"), result.get("original_height"))
 
 
 def _ls_label(value: dict, key: str, where: str) -> str:
@@ -369,9 +387,10 @@ def _ls_task(task: object, n: int, path: Path) -> Annotated:
                 image.marks.append(Mark(label, rgba.reshape(h, w, 4)[..., 3] >= ALPHA_MIN))
             else:
                 label = _ls_label(value, "keypointlabels", at)
-                x, y = value.get("x"), value.get("y")
-                if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in (x, y)):
-                    raise CdspError(f"{at}: keypoint x/y {x!r}/{y!r} are not numbers")
+                x, y = _finite(value.get("x")), _finite(value.get("y"))
+                if x is None or y is None:
+                    raise CdspError(f"{at}: keypoint x/y {str(value.get('x'))[:40]}/{str(value.get('y'))[:40]} are "
+                                    "not finite numbers")
                 image.marks.append(Mark(label, [_pixel(x / 100 * w, y / 100 * h, size, off)]))
     image.warnings += [f"{k} {kind} result{'s' * (k > 1)} skipped (only brushlabels and keypointlabels are "
                        "scribbles)" for kind, k in skipped.items()]

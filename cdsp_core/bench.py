@@ -68,7 +68,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cdsp_core import config, data, evaluate, logs, pseudolabel, report, scribbles, tracking, train
+from cdsp_core import config, data, evaluate, logs, outputs, pseudolabel, report, scribbles, tracking, train
 from cdsp_core.config import BenchConfig, ClassifierConfig, EvalConfig, PseudoLabelConfig, SegTrainConfig
 from cdsp_core.errors import CdspError
 from cdsp_core.fsutil import atomic_write_text
@@ -169,12 +169,15 @@ def _fresh(folder: Path) -> None:
 
 
 def open_bench_dir(out: Path, settings: dict) -> str:
-    """Create or reopen the bench folder; returns the bench id (kept across reruns)."""
+    """Create or reopen the bench folder; returns the bench id (kept across reruns).
+
+    The bench folder is a workspace that a rerun resumes, so it is not swapped whole: the output
+    policy (outputs.py) checks it, and each piece in it (views, stage 1, runs) is its own output."""
+    outputs.check_target(out, "bench", inputs=[settings["data"]])
     marker = _load_json(out / MARKER)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and marker is None)):
-        raise CdspError(f"{out}: exists and is not a bench folder (no {MARKER}); choose a new --out")
     bench_id = (marker or {}).get("bench_id") or f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     out.mkdir(parents=True, exist_ok=True)
+    outputs.write_marker(out, "bench")
     atomic_write_text(out / MARKER, json.dumps({"bench_id": bench_id, "settings": settings}, indent=2) + "\n")
     return bench_id
 
@@ -194,8 +197,8 @@ def training_view(index: data.DatasetIndex, out: Path, variant: str, seed: int, 
                 "split_dir": index.split_dir, "variant": variant, "seed": seed, "curve_val_images": curve_val_images}
     if _reuse(view / "view.json", settings) is not None:
         return view
-    with data.new_output_dir(view, "view.json") as tmp:
-        made = {data.MANIFEST, split_dir}
+    with outputs.output_dir(view, "dataset-view", inputs=[index.root]) as tmp:
+        made = {data.MANIFEST, outputs.MARKER, split_dir}  # the view is an output of its own kind
         if variant != CLEAN:
             mode, ratio = VARIANTS[variant]
             scribble_dir = f"scribbles_{variant}"

@@ -2,10 +2,12 @@
 
 The CLI flags, the KFP component inputs and the pipeline parameters are all derived
 from these dataclasses (see `add_arguments`, `from_namespace` and `pipelines/`), so a
-setting is declared once, here, with its default and its help text.
+setting is declared once, here, with its default, its help text and what it accepts.
 
 Field types are limited to str, int, float and bool so that every field can also be a
-KFP pipeline parameter.
+KFP pipeline parameter. What a field accepts is declared with it (`opt`'s keywords) and
+checked when a config is made (`Settings.__post_init__` -> `check`), so the CLI, the
+components and the pipeline refuse the same values, by name, before any work.
 """
 
 from __future__ import annotations
@@ -15,132 +17,227 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from cdsp_core.credentials import redact
+from cdsp_core.errors import CdspError
 
 T = TypeVar("T")
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with a help string (used for --help and the pipeline docs)."""
+    """A dataclass field with a help string (used for --help and the pipeline docs) and what it accepts:
+
+    - min / max: inclusive bounds; above / below: exclusive ones (every int and float field has bounds,
+      so NaN and infinities are refused too);
+    - off: one value outside the bounds that switches the setting off (eval_tile 0);
+    - choices: the values a str or int may take;
+    - items (a parser of the text that raises ValueError) or pattern (a regex the whole text
+      matches), with accepts: what a user is told the text may be.
+    """
     return field(default=default, metadata={"help": help, **kw})
 
 
+# Inference scales (CAMs, multi-scale evaluation): below a tenth an image is a few pixels (or none: a
+# size of 0 fails), above 4 its tiles multiply for little gain.
+MIN_SCALE, MAX_SCALE = 0.1, 4.0
+MAX_RATE = 256  # an atrous rate: beyond any feature map this project meets (465-px crops give 59x59)
+
+
+def numbers_in(text: str, kind: type, lo: float, hi: float, *, allow_empty: bool = False) -> list:
+    """'0.5, 1' -> [0.5, 1.0]: comma-separated numbers of `kind` from lo to hi (ValueError otherwise)."""
+    try:
+        values = [kind(s) for s in text.split(",") if s.strip()]
+    except (ValueError, OverflowError):
+        values = [math.nan]
+    if not (values or allow_empty) or not all(lo <= v <= hi for v in values):  # also NaN
+        raise ValueError(f"expected comma-separated {kind.__name__}s from {lo} to {hi}, got {text!r}")
+    return values
+
+
+def parse_scales(text: str) -> list[float]:
+    """Comma-separated inference scales ('0.5,1.0'), each from MIN_SCALE to MAX_SCALE, at least one."""
+    return numbers_in(text, float, MIN_SCALE, MAX_SCALE)
+
+
+def parse_rates(text: str) -> list[int]:
+    """Comma-separated atrous rates ('6,12,18,24'), each from 1 to MAX_RATE; empty: the architecture's own."""
+    return numbers_in(text, int, 1, MAX_RATE, allow_empty=True)
+
+
+SCALES = f"comma-separated scales from {MIN_SCALE} to {MAX_SCALE}"
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2")  # = models.BACKBONES
+DEVICE = r"auto|cpu|cuda(:[0-9]+)?"
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+MAX_EPOCHS, MAX_BATCH, MAX_CROP, MAX_WIDTH, MAX_WORKERS, WEEK_MINUTES = 100_000, 4096, 8192, 1024, 256, 7 * 24 * 60
+
+
+class Settings:
+    """The base of every config dataclass: an instance is checked as it is made (see `check`)."""
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(Settings):
     """Stage 1: the multi-label classifier trained on image-level labels from scribbles."""
 
     cls_backbone: str = opt("resnet50", "classifier backbone: resnet18|resnet34|resnet50|resnet101|resnet152|"
-                                            "mobilenet_v2")
+                                            "mobilenet_v2", choices=BACKBONES)
     cls_pretrained: str = opt("", "classifier backbone weights, file or URI: ImageNet's (torchvision layout) "
                                   "or an earlier model.pt's backbone; empty: from scratch")
     cls_width: int = opt(64, "classifier backbone width (first-stage channels): 64 is torchvision's; less is "
-                             "cheaper, for from-scratch CPU runs")
-    cls_output_stride: int = opt(16, "backbone output stride (16, or 8 for small images)")
-    cls_epochs: int = opt(20, "classifier training epochs")
-    cls_batch_size: int = opt(16, "classifier batch size")
-    cls_lr: float = opt(0.01, "classifier learning rate (SGD)")
+                             "cheaper, for from-scratch CPU runs", min=1, max=MAX_WIDTH)
+    cls_output_stride: int = opt(16, "backbone output stride (16, or 8 for small images)", choices=(8, 16, 32))
+    cls_epochs: int = opt(20, "classifier training epochs", min=1, max=MAX_EPOCHS)
+    cls_batch_size: int = opt(16, "classifier batch size", min=1, max=MAX_BATCH)
+    cls_lr: float = opt(0.01, "classifier learning rate (SGD)", above=0, max=10)
     cls_backbone_lr: float = opt(1.0, "classifier backbone's learning rate as a fraction of cls_lr (below 1: a "
-                                      "pretrained backbone moves slower than the new 1x1 classifier)")
-    cls_crop_size: int = opt(448, "classifier training crop size")
-    cls_scribble_ce: float = opt(0.0, "weight of a partial CE on scribble pixels through the CAM head (0: off)")
-    cls_weight_decay: float = opt(1e-4, "classifier SGD weight decay (momentum 0.9)")
-    cls_warmup_epochs: int = opt(1, "classifier linear warm-up epochs before cosine decay")
+                                      "pretrained backbone moves slower than the new 1x1 classifier)", min=0, max=10)
+    cls_crop_size: int = opt(448, "classifier training crop size", min=16, max=MAX_CROP)
+    cls_scribble_ce: float = opt(0.0, "weight of a partial CE on scribble pixels through the CAM head (0: off)",
+                                 min=0, max=1000)
+    cls_weight_decay: float = opt(1e-4, "classifier SGD weight decay (momentum 0.9)", min=0, max=1)
+    cls_warmup_epochs: int = opt(1, "classifier linear warm-up epochs before cosine decay", min=0, max=MAX_EPOCHS)
     cls_amp: bool = opt(True, "classifier mixed precision (bf16 on CPU, fp16 with a scaler on CUDA)")
-    cls_workers: int = opt(4, "classifier data-loading worker processes")
+    cls_workers: int = opt(4, "classifier data-loading worker processes", min=0, max=MAX_WORKERS)
     cls_checkpoint_minutes: float = opt(10.0, "classifier: also checkpoint (and mirror) every this many minutes "
-                                              "within an epoch, the most a pre-empted step loses (0: epoch ends only)")
+                                              "within an epoch, the most a pre-empted step loses (0: epoch ends only)",
+                                        min=0, max=WEEK_MINUTES)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_one_image_batch(self.cls_batch_size, self.cls_crop_size, self.cls_output_stride, "cls_")
+
+
+def check_one_image_batch(batch_size: int, crop_size: int, output_stride: int, prefix: str) -> None:
+    """A batch of one image trains BatchNorm only where the backbone's last map has more than one pixel."""
+    if batch_size == 1 and crop_size <= output_stride:
+        raise CdspError(f"{flag(prefix + 'batch_size')} 1 with {flag(prefix + 'crop_size')} {crop_size} leaves one "
+                        f"pixel per channel at output stride {output_stride}, which BatchNorm cannot train on; use a "
+                        "larger crop or batch")
 
 
 @dataclass
-class PseudoLabelConfig:
+class PseudoLabelConfig(Settings):
     """CAM pseudo-labels and the two distance maps."""
 
-    cam_threshold: float = opt(0.3, "background score tau: a pixel is background unless some CAM exceeds it")
-    cam_scales: str = opt("0.5,1.0,1.5,2.0", "comma-separated CAM inference scales (each also flipped)")
-    cam_margin: float = opt(0.0, "mark pixels whose top-two CAM score margin is below this as 255 (0: off)")
+    cam_threshold: float = opt(0.3, "background score tau: a pixel is background unless some CAM exceeds it",
+                               min=0, max=1)
+    cam_scales: str = opt("0.5,1.0,1.5,2.0", "comma-separated CAM inference scales (each also flipped)",
+                          items=parse_scales, accepts=SCALES)
+    cam_margin: float = opt(0.0, "mark pixels whose top-two CAM score margin is below this as 255 (0: off)",
+                            min=0, max=1)
     cam_random_walk: bool = opt(False, "refine CAMs by propagating scribble seeds over colour affinities")
-    lambda_s: float = opt(math.e, "lambda_s of the scribble distance map")
-    lambda_c: float = opt(math.e**6, "lambda_c of the pseudo-label boundary distance map")
+    lambda_s: float = opt(math.e, "lambda_s of the scribble distance map", above=0, max=1_000_000_000)
+    lambda_c: float = opt(math.e**6, "lambda_c of the pseudo-label boundary distance map", above=0, max=1_000_000_000)
     distance_include_background: bool = opt(False, "count background strokes in the scribble distance map")
 
 
 @dataclass
-class SegTrainConfig:
+class SegTrainConfig(Settings):
     """Stage 2: CDSP segmentation training (defaults = the paper's reference recipe)."""
 
-    segmenter: str = opt("deeplabv2", "segmenter: deeplabv2|deeplabv3p")
-    backbone: str = opt("resnet101", "backbone: resnet18|resnet34|resnet50|resnet101|resnet152|mobilenet_v2")
+    segmenter: str = opt("deeplabv2", "segmenter: deeplabv2|deeplabv3p", choices=("deeplabv2", "deeplabv3p"))
+    backbone: str = opt("resnet101", "backbone: resnet18|resnet34|resnet50|resnet101|resnet152|mobilenet_v2",
+                        choices=BACKBONES)
     pretrained: str = opt("", "backbone weights, file or URI: ImageNet's (torchvision layout) or an earlier "
                               "model.pt's backbone (a classifier's or segmenter's); nothing is downloaded")
     width: int = opt(64, "backbone width (first-stage channels): 64 is torchvision's and needed for ImageNet "
-                         "weights; less is cheaper, for from-scratch CPU runs")
-    output_stride: int = opt(8, "segmenter backbone output stride: 8 (the paper's) or 16 (about 3x cheaper)")
+                         "weights; less is cheaper, for from-scratch CPU runs", min=1, max=MAX_WIDTH)
+    output_stride: int = opt(8, "segmenter backbone output stride: 8 (the paper's) or 16 (about 3x cheaper)",
+                             choices=(4, 8, 16, 32))
     stem_stride: int = opt(4, "stride of the segmenter backbone's stem: 4 (the ResNet's 7x7 convolution at stride 2, "
                               "then a max-pool) or 2 (no max-pool: layer1 and layer2 at twice the resolution, for "
-                              "small images; ImageNet weights still fit)")
+                              "small images; ImageNet weights still fit)", choices=(4, 2))
     aspp_rates: str = opt("", "atrous rates of the segmenter head, comma-separated; empty: the architecture's own "
-                              "(DeepLab-v2 6,12,18,24, v3+ 6,12,18, made for 41x41 feature maps)")
-    l_seg: float = opt(1.0, "weight of the partial CE on scribbles (0 switches it off)")
-    l_pseudo: float = opt(1.0, "weight of the smoothed CE on pseudo-labels (0 switches it off)")
-    l_lorm: float = opt(1.0, "weight of the LoRM loss (0 switches it off)")
+                              "(DeepLab-v2 6,12,18,24, v3+ 6,12,18, made for 41x41 feature maps)",
+                          items=parse_rates, accepts=f"empty or comma-separated whole numbers from 1 to {MAX_RATE}")
+    l_seg: float = opt(1.0, "weight of the partial CE on scribbles (0 switches it off)", min=0, max=1000)
+    l_pseudo: float = opt(1.0, "weight of the smoothed CE on pseudo-labels (0 switches it off)", min=0, max=1000)
+    l_lorm: float = opt(1.0, "weight of the LoRM loss (0 switches it off)", min=0, max=1000)
     lorm_scope: str = opt("all", "positions the LoRM loss sums over: all (the method page's: off the foreground "
-                                 "it shrinks the features themselves) or foreground (pseudo-label foreground only)")
+                                 "it shrinks the features themselves) or foreground (pseudo-label foreground only)",
+                          choices=("all", "foreground"))
     lorm_temperature: float = opt(1.0, "temperature of LoRM's cosine attention, softmax(cos/t): 1 (the method's) "
                                         "spreads it over the whole feature map, so every foreground feature is pulled "
-                                        "toward the image's mean; smaller attends to similar features")
+                                        "toward the image's mean; smaller attends to similar features",
+                                  above=0, max=100)
     lorm_distance: str = opt("squared", "how far F is from F' in the LoRM loss: squared (the method page's "
                                         "sum of (F - F')^2, which also falls when every feature shrinks) or cosine "
                                         "(1 - cos(F, F') per position, blind to the features' scale; needs "
-                                        "--lorm-scope foreground)")
-    l_ds: float = opt(1.0, "weight of the DEL on the scribble distance map (0 switches it off)")
-    l_dc: float = opt(1.0, "weight of the DEL on the boundary distance map (0 switches it off)")
-    seg_target: str = opt("scribble", "target of L_seg: scribble, or gt (full ground truth: the supervised baseline)")
-    label_smoothing: float = opt(0.1, "label smoothing epsilon of the pseudo-label CE")
-    crop_size: int = opt(465, "random crop size")
-    scale_min: float = opt(0.5, "random scale, lower bound")
-    scale_max: float = opt(2.0, "random scale, upper bound")
-    rotation: float = opt(10.0, "random rotation, degrees either way")
-    epochs: int = opt(50, "training epochs")
-    batch_size: int = opt(16, "batch size (per process)")
-    optimizer: str = opt("sgd", "sgd (with momentum, the paper's) or adamw (converges faster from scratch)")
-    lr: float = opt(1e-3, "base learning rate")
+                                        "--lorm-scope foreground)", choices=("squared", "cosine"))
+    l_ds: float = opt(1.0, "weight of the DEL on the scribble distance map (0 switches it off)", min=0, max=1000)
+    l_dc: float = opt(1.0, "weight of the DEL on the boundary distance map (0 switches it off)", min=0, max=1000)
+    seg_target: str = opt("scribble", "target of L_seg: scribble, or gt (full ground truth: the supervised baseline)",
+                          choices=("scribble", "gt"))
+    label_smoothing: float = opt(0.1, "label smoothing epsilon of the pseudo-label CE", min=0, below=1)
+    crop_size: int = opt(465, "random crop size", min=16, max=MAX_CROP)
+    scale_min: float = opt(0.5, "random scale, lower bound", above=0, max=10)
+    scale_max: float = opt(2.0, "random scale, upper bound", above=0, max=10)
+    rotation: float = opt(10.0, "random rotation, degrees either way", min=0, max=180)
+    epochs: int = opt(50, "training epochs", min=1, max=MAX_EPOCHS)
+    batch_size: int = opt(16, "batch size (per process)", min=1, max=MAX_BATCH)
+    optimizer: str = opt("sgd", "sgd (with momentum, the paper's) or adamw (converges faster from scratch)",
+                         choices=("sgd", "adamw"))
+    lr: float = opt(1e-3, "base learning rate", above=0, max=10)
     backbone_lr: float = opt(1.0, "backbone's learning rate as a fraction of lr (below 1: a pretrained backbone "
-                                  "moves slower than the new head)")
+                                  "moves slower than the new head)", min=0, max=10)
     freeze_bn: bool = opt(False, "keep the backbone's BatchNorm layers in eval mode while training (their ImageNet "
                                  "statistics, not those of small batches)")
-    momentum: float = opt(0.9, "SGD momentum (adamw: beta1)")
-    weight_decay: float = opt(5e-4, "weight decay")
-    warmup_epochs: int = opt(5, "linear warm-up epochs before cosine decay")
-    device: str = opt("auto", "auto|cpu|cuda")
+    momentum: float = opt(0.9, "SGD momentum (adamw: beta1)", min=0, below=1)
+    weight_decay: float = opt(5e-4, "weight decay", min=0, max=1)
+    warmup_epochs: int = opt(5, "linear warm-up epochs before cosine decay", min=0, max=MAX_EPOCHS)
+    device: str = opt("auto", "auto|cpu|cuda", pattern=DEVICE, accepts="auto, cpu, cuda or cuda:N")
     amp: bool = opt(True, "mixed precision (bf16 on CPU, fp16 with a scaler on CUDA)")
-    workers: int = opt(4, "data-loading worker processes")
+    workers: int = opt(4, "data-loading worker processes", min=0, max=MAX_WORKERS)
     checkpoint_minutes: float = opt(10.0, "also checkpoint (and mirror) every this many minutes within an epoch, "
-                                          "the most a pre-empted step loses (0: epoch ends only)")
-    seed: int = opt(0, "random seed")
+                                          "the most a pre-empted step loses (0: epoch ends only)",
+                                    min=0, max=WEEK_MINUTES)
+    seed: int = opt(0, "random seed", min=0, max=SEED_MAX)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scale_min > self.scale_max:
+            raise CdspError(f"{flag('scale_min')} {self.scale_min} is above {flag('scale_max')} {self.scale_max}")
+        if self.batch_size == 1 and self.segmenter == "deeplabv3p":
+            raise CdspError("--batch-size 1 cannot train deeplabv3p: the BatchNorm of its image pooling would see "
+                            "one value per channel; use 2 or more")
+        check_one_image_batch(self.batch_size, self.crop_size, self.output_stride, "")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Settings):
     """Evaluation on the val split."""
 
     multi_scale: bool = opt(False, "multi-scale + flip inference")
-    eval_scales: str = opt("0.5,0.75,1.0,1.25,1.5", "scales for multi-scale inference")
-    n_overlays: int = opt(4, "colour overlays to write (image | scribbles | ground truth | prediction, with a legend)")
-    eval_tile: int = opt(1024, "images larger than this (either side) are predicted in overlapping tiles (0: whole)")
+    eval_scales: str = opt("0.5,0.75,1.0,1.25,1.5", "scales for multi-scale inference", items=parse_scales,
+                           accepts=SCALES)
+    n_overlays: int = opt(4, "colour overlays to write (image | scribbles | ground truth | prediction, with a legend)",
+                          min=0, max=100_000)
+    eval_tile: int = opt(1024, "images larger than this (either side) are predicted in overlapping tiles (0: whole)",
+                         off=0, min=32, max=MAX_CROP)
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(Settings):
     """`cdsp bench`: the ablation and scribble-robustness benchmark (not a pipeline step)."""
 
-    seeds: int = opt(3, "segmenter seeds per bench run (seed, seed+1, ...); mIoU is reported as mean and spread")
+    seeds: int = opt(3, "segmenter seeds per bench run (seed, seed+1, ...); mIoU is reported as mean and spread",
+                     min=1, max=1000)
     runs: str = opt("all", "comma-separated bench run names (e.g. scribble-only,cdsp), or all")
     jobs: int = opt(1, "bench runs trained at the same time, each in its own process with its share of the CPU "
-                       "threads (2 on a 2-core machine is about twice as fast as 1)")
-    degrade_seed: int = opt(0, "seed of the drop(0.5)/shrink(0.5) scribbles of the robustness runs")
+                       "threads (2 on a 2-core machine is about twice as fast as 1)", min=1, max=MAX_WORKERS)
+    degrade_seed: int = opt(0, "seed of the drop(0.5)/shrink(0.5) scribbles of the robustness runs",
+                            min=0, max=SEED_MAX)
     curve_val_images: int = opt(20, "val images behind each bench run's per-epoch val_miou curve (the first of the "
-                                    "val split; 0: no curve); the reported mIoU always uses the whole val split")
+                                    "val split; 0: no curve); the reported mIoU always uses the whole val split",
+                                min=0, max=1_000_000)
     bench_experiment: str = opt("cdsp-bench", "MLflow experiment that receives every bench run")
     mlflow: bool = opt(True, "log every bench run to MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db)")
 
@@ -230,9 +327,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cls_warmup_epochs": 0,
         "cls_amp": False,
         "cls_workers": 0,
-        # segmenter: DeepLab-v2's head (four 3x3 convolutions to class scores) on the 1280-channel map at
-        # output stride 16: 7.2 images/s here, where DeepLab-v3+ (ASPP and decoder on 1280 channels) takes
-        # 1.4 and stride 8 1.7. Crops of 225 px (sides 1 mod 32: the TF padding of the ImageNet weights).
+        # segmenter: DeepLab-v2's head (four 3x3 convolutions to class scores) at output stride 16 on
+        # MobileNetV2's last block (320 channels, as DeepLab reads it; models.MobileNetV2): 7.7 images/s
+        # with LoRM where the 1280-channel map took 4.1, and 0.450 against 0.439 on held-out photos
+        # (scribbles, 2 epochs); DeepLab-v3+ (decoder at stride 4) 1.7, stride 8 1.7 (on 1280 channels).
+        # Crops of 225 px (sides 1 mod 32: the TF padding of the ImageNet weights).
         # Fully supervised, one epoch of 1,000 photos, 300 held out: AdamW at 1e-3 with the backbone at a
         # tenth and its BatchNorm frozen 0.395; AdamW 1e-4 everywhere 0.365; SGD 1e-3 0.269; SGD 1e-2
         # (head) 0.10 (diverged). 161-px crops, twice the steps in the same time: 0.399 (no gain).
@@ -286,13 +385,95 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# ---------------------------------------------------------------------------- what a setting accepts
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for cls in (*ALL_CONFIGS, BenchConfig) for f in fields_of(cls)}
+_KINDS = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false"}
+_RULES = ("min", "max", "above", "below", "off", "choices", "items", "pattern")
+
+
+def _either(values: tuple) -> str:
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def accepts(f: dataclasses.Field) -> str:
+    """What a field accepts, in words: 'a whole number from 1 to 4096', 'sgd or adamw', ..."""
+    m = f.metadata
+    if "choices" in m:
+        return _either(m["choices"])
+    if "accepts" in m:
+        return m["accepts"]
+    lo = f">= {m['min']}" if "min" in m else f"> {m['above']}" if "above" in m else ""
+    hi = f"<= {m['max']}" if "max" in m else f"< {m['below']}" if "below" in m else ""
+    bounds = f"from {m['min']} to {m['max']}" if "min" in m and "max" in m else " and ".join(filter(None, (lo, hi)))
+    text = f"{_KINDS[f.type]} {bounds}".strip()
+    return f"{m['off']} (off) or {text}" if "off" in m else text
+
+
+def _typed(f: dataclasses.Field, value: Any) -> bool:
+    if f.type == "bool" or isinstance(value, bool):
+        return f.type == "bool" and isinstance(value, bool)
+    if f.type == "float":
+        try:  # an int too large for a float is not finite either
+            return isinstance(value, numbers.Real) and math.isfinite(value)
+        except OverflowError:
+            return False
+    return isinstance(value, {"int": numbers.Integral, "str": str}[f.type])
+
+
+def _fits(f: dataclasses.Field, value: Any) -> bool:
+    m = f.metadata
+    if not _typed(f, value):
+        return False
+    if "choices" in m:
+        return value in m["choices"]
+    if "pattern" in m:
+        return re.fullmatch(m["pattern"], value) is not None
+    if "items" in m:
+        try:
+            m["items"](value)
+        except ValueError:
+            return False
+        return True
+    if f.type not in ("int", "float") or ("off" in m and value == m["off"]):
+        return True
+    return (m.get("min", -math.inf) <= value <= m.get("max", math.inf)
+            and m.get("above", -math.inf) < value < m.get("below", math.inf))
+
+
+def check_field(f: dataclasses.Field, value: Any, named: Callable[[str], str] = flag) -> None:
+    """Refuse a value its field does not accept: CdspError `--batch-size must be ..., got 0` (`named`
+    says how the setting is named: as its flag, or as the key of a file)."""
+    if not _fits(f, value):
+        shown = repr(redact(value) if isinstance(value, str) else value)  # redacted whole, then shortened
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise CdspError(f"{named(f.name)} must be {accepts(f)}, got {shown}")
+
+
+def check(cfg: Any) -> None:
+    """Every field of a config dataclass against what it declares (run as each config is made)."""
+    for f in fields_of(type(cfg)):
+        check_field(f, getattr(cfg, f.name))
+
+
+def check_values(values: Mapping[str, Any], named: Callable[[str], str] = flag) -> None:
+    """The settings among `values` (parsed CLI flags, pipeline arguments, a model's config.json: keys
+    that are no field are ignored, None is unset), each against its field: so the flags a command
+    takes one by one (`add_field_argument`) are checked too, before any work."""
+    for name, value in values.items():
+        if name in FIELDS and value is not None:
+            check_field(FIELDS[name], value, named)
+
+
 _SCALARS = {"int": int, "float": float, "str": str}  # a field's annotation (a string here) -> its parser
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 def _add_field(parser: argparse.ArgumentParser | argparse._ArgumentGroup, f: dataclasses.Field, default: Any) -> None:
     """The flag of one field: `--name VALUE`, or `--name/--no-name` for a bool."""
-    help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+    rule = f"; {accepts(f)}" if any(k in f.metadata for k in _RULES) else ""
+    help_text = f"{f.metadata.get('help', '')} (default: {f.default}{rule})"
     if f.type in ("bool", bool):
         parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                             help=help_text)
@@ -373,7 +554,7 @@ def settings_digest(settings: Any) -> str:
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(Settings):
     """Run parameters of the Kubeflow pipeline besides the stage settings."""
 
     data_uri: str = opt("", "dataset root in the VOC layout: a local path or s3://bucket/prefix")
@@ -389,7 +570,7 @@ class PipelineConfig:
 
 
 @dataclass
-class ClusterConfig:
+class ClusterConfig(Settings):
     """Compile-time settings of the pipeline; each is read from the env var CDSP_<NAME> at compile time."""
 
     image: str = opt("ghcr.io/cdsp-pipelines/cdsp-cpu:0.1.0", "image of the CPU steps (images/Dockerfile.cpu)")

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from cdsp_core.errors import CdspError
-from cdsp_core.fsutil import atomic_dir
+from cdsp_core.outputs import confined
 
 log = logging.getLogger(__name__)
 
@@ -240,13 +240,32 @@ class DatasetIndex:
         return self.splits.get("val", [])
 
 
+MAX_ID_BYTES = 200  # an id names files (<id>.png, and .<id>.png.<random>.tmp while one is written): 255 at most
+
+
+def check_id(ident: str) -> str:
+    """An image id as it may name files (its stem): ValueError saying why not."""
+    try:
+        size = len(ident.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate, which JSON can hold
+        raise ValueError(f"id {ident[:80]!r} is not valid Unicode") from None
+    if not ident or any(c < " " or c == "\x7f" for c in ident):  # NUL, newline, ...
+        raise ValueError(f"id {ident[:80]!r} is empty or holds a control character")
+    if size > MAX_ID_BYTES:
+        raise ValueError(f"id {ident[:40]!r}... is {size} bytes long; file names allow {MAX_ID_BYTES}")
+    return ident
+
+
 def read_split(path: Path) -> list[str]:
     """Ids of a split list: one per line, or SBD-style `/JPEGImages/<id>.jpg /Seg.../<id>.png`."""
     ids = []
-    for line in _lines(path):
+    for n, line in enumerate(_lines(path), start=1):
         name = line.split()[0].rsplit("/", 1)[-1]
         stem, ext = os.path.splitext(name)
-        ids.append(stem if ext in IMAGE_EXTS else name)
+        try:
+            ids.append(check_id(stem if ext in IMAGE_EXTS else name))
+        except ValueError as e:
+            raise CdspError(f"{path}: entry {n} ({line[:80]!r}): {e}") from e
     dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dupes:
         raise CdspError(f"{path}: ids listed more than once: {dupes[:5]}")
@@ -288,10 +307,13 @@ def load_index(root: str | os.PathLike, scribble_dir: str | None = None,
     files = RootFiles(root, listing)
     manifest = _read_manifest(root) if files.is_file(MANIFEST) else {}
     classes = read_classes(root, files)
-    scribble_dir = scribble_dir or manifest.get("scribble_dir") or DEFAULT_SCRIBBLE_DIR
+    # Names from the caller or the manifest: nothing outside the root is read (outputs.confined).
+    scribble_dir = confined(root, scribble_dir or manifest.get("scribble_dir") or DEFAULT_SCRIBBLE_DIR,
+                            "scribble folder")
     if not files.is_dir(scribble_dir):
         raise CdspError(f"{root / scribble_dir}: scribble folder not found (pass --scribble-dir)")
-    split_dir = split_dir or manifest.get("split_dir") or _find_split_dir(root, files)
+    split_dir = confined(root, split_dir or manifest.get("split_dir") or _find_split_dir(root, files),
+                         "split-list folder")
     if not files.is_dir(split_dir):
         raise CdspError(f"{root / split_dir}: split folder not found")
 
@@ -339,21 +361,3 @@ def _read_manifest(root: Path) -> dict:
     if not isinstance(manifest, dict):
         raise CdspError(f"{path}: not a manifest (expected a JSON object)")
     return manifest
-
-
-@contextmanager
-def new_output_dir(path: str | os.PathLike, marker: str) -> Iterator[Path]:
-    """Build an output folder under a temporary name and swap it in whole on success.
-
-    An existing folder is only replaced if it is empty or holds `marker` (the provenance
-    file an earlier run of the same command wrote), so nothing a user made is lost.
-    """
-    path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise CdspError(f"{path}: output exists and is not a folder")
-        if any(path.iterdir()) and not (path / marker).is_file():
-            raise CdspError(f"{path}: output folder is not empty and was not written by this command "
-                            f"(no {marker}); choose a new folder")
-    with atomic_dir(path) as tmp:
-        yield tmp

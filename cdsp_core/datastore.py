@@ -30,9 +30,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from cdsp_core import data, storage
+from cdsp_core import data, outputs, storage
 from cdsp_core.errors import CdspError
-from cdsp_core.fsutil import atomic_dir, atomic_write_text, sha256_file
+from cdsp_core.fsutil import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -122,20 +122,23 @@ def read_record(store: str, run: str) -> dict | None:
 
 
 def read_manifest(store: str, key: str) -> dict:
-    return _read_json(_join(store, key))
+    return _read_json(_join(store, storage.check_key(str(key), f"{store}: a record's manifest key")))
 
 
 def checkout(dataset: dict, dest: str | os.PathLike) -> Path:
     """Make `dest` the dataset root that `dataset` (a record with its "store") names, in the VOC layout:
     each file from its object (its SHA-256 checked), the split lists, classes.txt and manifest.json.
-    `dest` appears whole or not at all."""
+    `dest` appears whole or not at all, as the output policy says (outputs.py; the store is an input).
+    Every path the manifest names is confined to `dest`."""
     store = dataset["store"]
     manifest = read_manifest(store, dataset["manifest"])
     files = manifest.get("files") or {}
-    with atomic_dir(dest) as tmp:
+    where = _join(store, dataset["manifest"])
+    _check_names(manifest, files, dest, where)
+    with outputs.output_dir(dest, "dataset", inputs=[store]) as tmp:
         def fetch(item: tuple[str, list]) -> None:
             rel, (sha, _size, _version) = item
-            target = tmp / storage.check_key(rel, f"manifest {dataset['manifest']}")
+            target = tmp / rel  # checked by _check_names
             storage.download_file(_join(store, object_key(sha)), target)
             if sha256_file(target) != sha:  # the store was tampered with or corrupted: never train on it
                 raise CdspError(f"{_join(store, object_key(sha))}: its bytes do not match their SHA-256 "
@@ -146,6 +149,18 @@ def checkout(dataset: dict, dest: str | os.PathLike) -> Path:
     log.info("checked out %d files of %s (fingerprint %s) into %s", len(files), dataset["source"],
              manifest["fingerprint"][:16], dest)
     return Path(dest)
+
+
+def _check_names(manifest: dict, files: dict, dest: str | os.PathLike, where: str) -> None:
+    """Refuse, before anything is fetched, a stored manifest whose file paths, split folder or image ids
+    would put files outside `dest` (or a line break into a split list)."""
+    for rel in files:
+        storage.check_key(rel, where)
+    outputs.confined(dest, str(manifest.get("split_dir") or ""), f"split-list folder named by {where}")
+    for im in manifest.get("images", []):
+        name = im.get("id") if isinstance(im, dict) else None
+        if not isinstance(name, str) or outputs.unsafe(name) or "/" in name or any(c.isspace() for c in name):
+            raise CdspError(f"{where}: image id {name!r} is not a plain file name; nothing was written")
 
 
 def write_layout(root: Path, manifest: dict) -> None:
@@ -199,10 +214,7 @@ def _run(args: argparse.Namespace) -> int:
     record = read_record(args.store, args.run)
     if record is None:
         raise CdspError(f"{args.store}: no record of pipeline run {args.run!r} (runs/{args.run}.json)")
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / data.MANIFEST).is_file():
-        raise CdspError(f"{out}: exists and is not a dataset written by cdsp (no {data.MANIFEST}); choose a new folder")
-    checkout({**record, "store": args.store}, out)
+    checkout({**record, "store": args.store}, Path(args.out))
     print(f"checked out {record['n_train']} train and {record['n_val']} val images of {record['source']} "
           f"(fingerprint {record['fingerprint'][:16]}) into {args.out}")
     return 0

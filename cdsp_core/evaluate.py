@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from cdsp_core import config, data, modelfolder, report
+from cdsp_core import config, data, modelfolder, outputs, report
 from cdsp_core.config import EvalConfig, SegTrainConfig
 from cdsp_core.errors import CdspError
 from cdsp_core.fsutil import atomic_path, atomic_write_text
@@ -328,13 +328,11 @@ def write_report(path: Path, metrics: dict, title: str) -> None:
 
 
 def parse_scales(text: str, flag: str) -> list[float]:
+    """The scales of a setting, which its config accepted already (config.parse_scales says which)."""
     try:
-        scales = [float(s) for s in text.split(",") if s.strip()]
+        return config.parse_scales(text)
     except ValueError as e:
-        raise CdspError(f"{flag}: expected comma-separated numbers, got {text!r}") from e
-    if not scales or any(s <= 0 for s in scales):
-        raise CdspError(f"{flag}: expected positive scales, got {text!r}")
-    return scales
+        raise CdspError(f"{flag}: {e}") from e
 
 
 def evaluate(data_dir: str, model_dir: str, out_dir: str, cfg: EvalConfig, *, split: str = "val",
@@ -351,7 +349,7 @@ def evaluate(data_dir: str, model_dir: str, out_dir: str, cfg: EvalConfig, *, sp
                         f"{index.classes} ({data_dir})")
     scales = parse_scales(cfg.eval_scales, "--eval-scales") if cfg.multi_scale else [1.0]
     cm = ConfusionMatrix(len(index.classes))
-    with data.new_output_dir(out_dir, "metrics.json") as tmp:
+    with outputs.output_dir(out_dir, "evaluation", inputs=[data_dir, model_dir]) as tmp:
         for k, (item, image, gt, pred) in enumerate(predictions(model, items, dev, scales=scales,
                                                                 flip=cfg.multi_scale, tile=cfg.eval_tile)):
             cm.update(torch.from_numpy(gt), torch.from_numpy(pred))
@@ -407,7 +405,7 @@ def predict(model_dir: str, images: str, out_dir: str, *, device: str = "auto",
     model, info = load_model(model_dir, dev, kind="segmenter")
     scales = parse_scales(cfg.eval_scales, "--eval-scales") if cfg.multi_scale else [1.0]
     names = []
-    with data.new_output_dir(out_dir, "predictions.json") as tmp:
+    with outputs.output_dir(out_dir, "predictions", inputs=[model_dir, images]) as tmp:
         for path in progress(files, "predict"):
             image = read_input_image(path, folder, images)
             x = to_normalized_tensor(Image.fromarray(image)).to(dev)

@@ -75,20 +75,33 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, CdspError) and str(tmp) in str(e):  # name the user's folder, not ours (now gone)
             raise CdspError(str(e).replace(str(tmp), str(path))) from e
         _raise_if_disk_full(path, e)
         raise
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Put the folder `new` in the place of `path` (a folder, a link or nothing) with two renames;
+    the old folder is removed only once the new one is in place."""
+    if not (path.exists() or path.is_symlink()):
+        os.replace(new, path)
+        return
+    old = path.with_name(f".{path.name}.old")
+    _remove(old)
+    os.replace(path, old)
+    os.replace(new, path)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

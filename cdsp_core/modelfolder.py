@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cdsp_core import config
 from cdsp_core.errors import CdspError, load_failure
 
 if TYPE_CHECKING:
@@ -28,17 +29,36 @@ CONFIG = "config.json"
 HISTORY = "history.json"
 
 
+# The settings that make the network of each kind (`build_model`); the first ones are required, the
+# others were added later and have defaults.
+ARCHITECTURE = {"classifier": (("cls_backbone", "cls_output_stride"), ("cls_width",)),
+                "segmenter": (("segmenter", "backbone"), ("output_stride", "width", "aspp_rates", "stem_stride"))}
+
+
 def read_config(folder: str | Path) -> dict:
-    """The folder's config.json, checked to describe a classifier or a segmenter with its classes."""
+    """The folder's config.json, checked to describe a classifier or a segmenter with its classes, and
+    its architecture settings to be ones the config accepts (cdsp_core/config.py)."""
     path = Path(folder) / CONFIG
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise CdspError(f"{path}: missing (not a model folder written by cdsp train-classifier/train-seg)") from e
-    except (OSError, ValueError) as e:
-        raise CdspError(f"{path}: unreadable model config: {e}") from e
-    if not isinstance(info, dict) or info.get("kind") not in ("classifier", "segmenter") or not info.get("class_names"):
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
+        raise CdspError(f"{path}: unreadable model config: {type(e).__name__}: {str(e)[:200]}") from e
+    if not isinstance(info, dict) or info.get("kind") not in ARCHITECTURE or not info.get("class_names"):
         raise CdspError(f"{path}: not a cdsp model config (needs kind and class_names)")
+    names = info["class_names"]
+    if not (isinstance(names, list) and 2 <= len(names) <= 255 and all(isinstance(n, str) and n for n in names)
+            and len(set(names)) == len(names)):
+        raise CdspError(f"{path}: class_names must be a list of 2 to 255 distinct names")
+    required, _ = ARCHITECTURE[info["kind"]]
+    missing = [k for k in required if info.get(k) is None]
+    if missing:
+        raise CdspError(f"{path}: a {info['kind']} config needs {' and '.join(missing)}")
+    try:
+        config.check_values({k: info.get(k) for keys in ARCHITECTURE[info["kind"]] for k in keys}, named=str)
+    except CdspError as e:
+        raise CdspError(f"{path}: {e}") from e
     return info
 
 
@@ -65,7 +85,10 @@ def load(folder: str | Path, device: torch.device | str = "cpu", kind: str | Non
     info = read_config(folder)
     if kind and info["kind"] != kind:
         raise CdspError(f"{folder}: holds a {info['kind']}, but a {kind} is needed here")
-    model = build_model(info)
+    try:  # settings that are each accepted but not together (an output stride the stem cannot give)
+        model = build_model(info)
+    except CdspError as e:
+        raise CdspError(f"{folder / CONFIG}: {e}") from e
     path = folder / WEIGHTS
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

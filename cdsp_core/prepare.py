@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cdsp_core import config, data, datastore, storage
+from cdsp_core import config, data, datastore, outputs, storage
 from cdsp_core.data import IGNORE, Item
 from cdsp_core.errors import CdspError
-from cdsp_core.fsutil import atomic_write_text, sha256_file
+from cdsp_core.fsutil import sha256_file
 from cdsp_core.progress import progress
 
 log = logging.getLogger(__name__)
@@ -135,13 +135,19 @@ def _warnings(index: data.DatasetIndex, images: list[dict]) -> list[str]:
     return out
 
 
+def check_folders(root: str, scribble_dir: str | None, split_dir: str | None, named_by: str = "") -> None:
+    """Refuse a scribble or split folder (given as flags, or `named_by` a manifest) that is not a relative
+    name inside the dataset `root`: nothing is read from outside the dataset, nor written outside --out."""
+    for name, what, flag in ((scribble_dir, "scribble folder", "--scribble-dir"),
+                             (split_dir, "split-list folder", "--split-dir")):
+        if name:
+            outputs.confined(root, name, f"{what} {f'named by {named_by}' if named_by else f'({flag})'}")
+
+
 def _copy_dataset(index: data.DatasetIndex, manifest: dict, out: Path, move: bool) -> None:
     """Write `out` as a dataset root: the validated files, the lists, classes.txt, the manifest."""
-    if out.resolve() == index.root.resolve() or out.resolve() in index.root.resolve().parents:
-        raise CdspError(f"{out}: the copy cannot go into the dataset itself or a folder holding it "
-                        f"({index.root}); choose another --out")
     files = {p for items in index.splits.values() for i in items for p in (i.image, i.scribble, i.gt) if p}
-    with data.new_output_dir(out, data.MANIFEST) as tmp:
+    with outputs.output_dir(out, "dataset", inputs=[index.root]) as tmp:
         for src in progress(sorted(files), "copying files"):
             dst = tmp / src.relative_to(index.root)
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +167,7 @@ def _prepare_local(root: Path, source: str, out: Path, scribble_dir: str, split_
                    copy: bool, move: bool = False) -> dict:
     index = data.load_index(root, scribble_dir=scribble_dir or data.DEFAULT_SCRIBBLE_DIR,
                             split_dir=split_dir or None)
+    check_folders(source, index.scribble_dir, index.split_dir, str(root / data.MANIFEST))
     images = _check_all(index)
     manifest = {
         "schema": SCHEMA,
@@ -180,7 +187,8 @@ def _prepare_local(root: Path, source: str, out: Path, scribble_dir: str, split_
     if copy:
         _copy_dataset(index, manifest, out, move)
     else:
-        atomic_write_text(out / data.MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        with outputs.output_dir(out, "manifest", inputs=[root]) as tmp:
+            (tmp / data.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return manifest
 
 
@@ -189,10 +197,13 @@ def prepare(data_uri: str, out_dir: str, scribble_dir: str = data.DEFAULT_SCRIBB
     """Validate the dataset at `data_uri` (a folder or s3://bucket/prefix) and write
     `out_dir/manifest.json`; with `copy` (always for S3) also the dataset itself. Returns the manifest.
 
-    Nothing is written unless every check passes. An S3 object over `max_object_bytes` is refused
-    from the listing, before anything is downloaded.
+    Nothing is written unless every check passes; `out_dir` is written as the output policy says
+    (outputs.py). An S3 object over `max_object_bytes` is refused from the listing, before anything
+    is downloaded.
     """
     out = Path(out_dir)
+    check_folders(data_uri, scribble_dir, split_dir)
+    outputs.check_target(out, "dataset" if copy or data_uri.startswith("s3://") else "manifest", inputs=[data_uri])
     if data_uri.startswith("s3://"):
         from cdsp_core import storage  # boto3 is only needed here
 
@@ -246,6 +257,7 @@ def prepare_to_store(data_uri: str, store: str, base: dict | None = None, *,
     root_uri = data_uri.rstrip("/")
     if not storage.is_remote(data_uri):
         root_uri = str(Path(data_uri.removeprefix("file://")).resolve())
+    check_folders(root_uri, scribble_dir, split_dir)
     if f"{store.rstrip('/')}/".startswith(f"{root_uri}/"):
         raise CdspError(f"{store}: the data store cannot be inside the data it keeps ({root_uri})")
     for attempt in range(1, LIST_ATTEMPTS + 1):
@@ -302,6 +314,7 @@ def _update_in(tmp: Path, root_uri: str, store: str, base: dict | None, old: dic
     fetch([data.MANIFEST] if data.MANIFEST in listing else [])
     if not split_dir and data.MANIFEST in listing:
         split_dir = json.loads((tmp / data.MANIFEST).read_text(encoding="utf-8")).get("split_dir") or None
+        check_folders(root_uri, None, split_dir, f"{root_uri}/{data.MANIFEST}")
     lists = [split_dir] if split_dir else list(data.SPLIT_DIRS)
     fetch([f for f in (*data.CLASS_FILES, *(f"{d}/{s}.txt" for d in lists for s in data.SPLITS)) if f in listing])
     index = data.load_index(tmp, scribble_dir=scribble_dir or data.DEFAULT_SCRIBBLE_DIR, split_dir=split_dir,
@@ -427,6 +440,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_into_store(args: argparse.Namespace) -> int:
     out, store = Path(args.out), args.store.rstrip("/")
+    outputs.check_target(out, "dataset-record", inputs=[args.data, store])  # before anything goes to the store
     base = datastore.dataset_file(out)  # what the last `cdsp prepare --store` into OUT found
     if base is not None and base.get("store") != store:
         base = None
@@ -437,7 +451,7 @@ def _run_into_store(args: argparse.Namespace) -> int:
         print(f"unchanged since the last prepare into {out}: {c['listed']} files listed, nothing downloaded; "
               f"fingerprint {r['fingerprint'][:16]}")
         return 0
-    with data.new_output_dir(out, data.MANIFEST) as tmp:
+    with outputs.output_dir(out, "dataset-record", inputs=[args.data, store]) as tmp:
         (tmp / datastore.DATASET).write_text(json.dumps({**r, "store": store}, indent=1) + "\n", encoding="utf-8")
         (tmp / data.MANIFEST).write_text(json.dumps(update.manifest, indent=1) + "\n", encoding="utf-8")
     ch = r["changes"]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cdsp_core import cam, config, data, distance, evaluate
+from cdsp_core import cam, config, data, distance, evaluate, outputs
 from cdsp_core.config import PseudoLabelConfig, SegTrainConfig
 from cdsp_core.datasets import DISTANCE_BOUNDARY_DIR, DISTANCE_SCRIBBLE_DIR, PSEUDO_DIR, check_classes
 from cdsp_core.errors import CdspError
@@ -103,7 +103,7 @@ def pseudo_label(data_dir: str, out_dir: str, cfg: PseudoLabelConfig, *, classif
     cm = evaluate.ConfusionMatrix(n)
     labelled = total = 0
     started = time.perf_counter()
-    with data.new_output_dir(out_dir, SUMMARY) as tmp:
+    with outputs.output_dir(out_dir, "pseudo-labels", inputs=[data_dir, classifier_dir, external_pseudo]) as tmp:
         for item in progress(index.train, "pseudo-labels"):
             scribble = data.read_label(item.scribble)
             if external_pseudo:

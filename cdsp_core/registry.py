@@ -6,8 +6,10 @@
     folder = registry.resolve_model("models:/cdsp-segmenter@champion")   # downloaded once, cached
 
 A version's description is written from its tags and the alias (`describe_version`), every
-time either changes, so the two always agree. A retry registers nothing new: a model version
-is found again by its run. Reading or writing
+time either changes, so the two always agree. Evaluations promoting at the same moment (pods
+through one tracking server, or processes on one local store) end with the best of them as
+champion: the shared state is in MLflow itself (`_converge`). A retry registers nothing new: a
+model version is found again by its run. Reading or writing
 the registry when the server is unreachable raises a CdspError naming the server and what was
 not recorded (tracking.recording).
 """
@@ -19,6 +21,8 @@ import logging
 import math
 import os
 import re
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from cdsp_core import modelfolder, tracking
@@ -40,6 +44,9 @@ TAG_VAL_SPLIT = "cdsp.val_split"
 TAG_DECISION = "cdsp.promotion"
 TAG_REASON = "cdsp.promotion_reason"
 TAG_RESCORED = "cdsp.rescored"  # the champion measured again on a newer val split: when, and what it was before
+TAG_CLAIM = "cdsp.champion_claim"  # when the version beat the champion it saw (UTC, ISO 8601): see _converge
+CLAIM_TTL_S = 600.0  # how long a claim counts for other promoters; a promoter's passes take seconds
+MAX_PASSES = 20
 MODEL_DESCRIPTION = (
     "CDSP scribble-supervised semantic segmenter (DeepLab), one version per trained model, logged by the "
     "pipeline's train_segmenter stage in the pickle-free torch.export format (N×3×H×W float images in, "
@@ -157,18 +164,24 @@ def _champion(client):
 
 
 def promote_if_better(version: str, miou: float, *, val_split: str, fingerprint: str = "",
-                      run_id: str | None = None, champion_miou: float | None = None, veto: str = "") -> dict:
+                      run_id: str | None = None, champion_miou: float | None = None,
+                      champion_version: str | None = None, veto: str = "") -> dict:
     """Move the alias `champion` to `version` only if its mIoU beats the champion's on the same val split.
 
     The comparison needs both mIoUs on the same split (`val_split`, e.g. `val_split_id(manifest)`):
     a champion evaluated on another split is kept unless `champion_miou` (the champion
-    re-evaluated on this split) is given. A `veto` (e.g. `evaluate.promotion_veto(metrics)`: the
-    model predicts a single class) keeps the champion whatever the mIoU. The decision and its
-    reason are written on the version (tags, and the description rewritten from them by
-    `describe_version`, as is the one of a champion re-scored or replaced; evaluated again as the
-    champion, a version keeps its first reason) and, given `run_id` (default: the open stage run,
-    if any), on that run. Returns {"promoted", "reason", "version", "miou", "champion_version",
-    "champion_miou"}.
+    re-evaluated on this split) is given; given `champion_version` too (the version it was
+    measured for), a champion that changed meanwhile is not credited with it. A `veto` (e.g.
+    `evaluate.promotion_veto(metrics)`: the model predicts a single class) keeps the champion
+    whatever the mIoU. The decision and its reason are written on the version (tags, and the
+    description rewritten from them by `describe_version`, as is the one of a champion re-scored
+    or replaced; evaluated again as the champion, a version keeps its first reason) and, given
+    `run_id` (default: the open stage run, if any), on that run.
+
+    Promoters racing on the model end with the best of them as champion: a version that beats
+    the champion claims the alias and `_converge`s with the claims of the moment; when another
+    claim wins, this version is "kept" ("does not beat version N ..., promoted at the same
+    time"). Returns {"promoted", "reason", "version", "miou", "champion_version", "champion_miou"}.
     """
     version = str(version)
     client = tracking.mlflow_client()
@@ -180,44 +193,28 @@ def promote_if_better(version: str, miou: float, *, val_split: str, fingerprint:
         for k, v in tags.items():
             client.set_model_version_tag(MODEL_NAME, version, k, v)
         champ = _champion(client)
-        champ_version = str(champ.version) if champ else None
+        champ_version = _version(champ)
+        if champion_version is not None and str(champion_version) != champ_version:
+            champion_miou = None  # measured for a champion replaced since: not this one's score
         champ_miou = champion_miou
         if champ is not None and champ_miou is None and champ.tags.get(TAG_VAL_SPLIT) == val_split:
-            champ_miou = float(champ.tags.get(TAG_MIOU, "nan"))
-        if not math.isfinite(miou):
-            promoted, reason = False, f"mIoU {miou} is not a number"
-        elif veto:
-            promoted, reason = False, f"{veto} (mIoU {miou:.4f}): not a usable segmenter"
-        elif champ is None:
-            promoted, reason = True, f"no champion yet; mIoU {miou:.4f} on val split {val_split}"
-        elif champ_version == version:
-            promoted, reason = True, f"version {version} is already the champion"
-        elif champ_miou is None or not math.isfinite(champ_miou):
-            promoted, reason = False, (
-                f"champion version {champ_version} was evaluated on val split "
-                f"{champ.tags.get(TAG_VAL_SPLIT) or '?'}, this model on {val_split}: not comparable; "
-                "re-evaluate the champion on this split and pass champion_miou")
-        elif miou > champ_miou:
-            promoted, reason = True, (f"mIoU {miou:.4f} beats champion version {champ_version} "
-                                      f"({champ_miou:.4f}) on val split {val_split}")
-        else:
-            promoted, reason = False, (f"mIoU {miou:.4f} does not beat champion version {champ_version} "
-                                       f"({champ_miou:.4f}) on val split {val_split}")
+            champ_miou = _score(champ)
+        promoted, reason = _decide(version, miou, val_split, veto, champ, champ_miou)
         if champ is not None and champion_miou is not None and champ_version != version:
-            # The champion measured again on this split: record it, so the next run compares directly.
-            before = champ.tags.get(TAG_MIOU)
-            was = f"{float(before):.4f} on val split {champ.tags.get(TAG_VAL_SPLIT) or '?'}" if before else "unscored"
-            rescored = {TAG_MIOU: f"{champion_miou:.6f}", TAG_VAL_SPLIT: val_split,
-                        TAG_RESCORED: f"measured again on val split {val_split} when version {version} was "
-                                      f"evaluated: {champion_miou:.4f} (was {was})"}
-            for k, v in rescored.items():
-                client.set_model_version_tag(MODEL_NAME, champ_version, k, v)
-        if promoted and champ_version != version:
-            client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
-        if champ_version != version or mine.tags.get(TAG_DECISION) != "promoted":  # a retry keeps the first why
-            client.set_model_version_tag(MODEL_NAME, version, TAG_DECISION, "promoted" if promoted else "kept")
-            client.set_model_version_tag(MODEL_NAME, version, TAG_REASON, reason)
-        for v in dict.fromkeys(x for x in (version, champ_version) if x):  # the alias or a tag of each changed
+            _rescore(client, champ, champion_miou, val_split, version)
+        keep_why = champ_version == version and mine.tags.get(TAG_DECISION) == "promoted"  # a retry keeps the first
+        if not keep_why:
+            _set_decision(client, version, promoted, reason)
+        touched = {version, champ_version}
+        if promoted and champ_version != version:  # claim the alias, after every tag rivals compare by
+            client.set_model_version_tag(MODEL_NAME, version, TAG_CLAIM, _utc_now())
+            final, seen = _converge(client, val_split)
+            touched |= seen
+            if final is not None and str(final.version) != version:  # a rival of the same moment won
+                promoted, champ_version, champ_miou = False, str(final.version), _score(final)
+                reason = _lost(miou, final, val_split)
+                _set_decision(client, version, promoted, reason)
+        for v in sorted(x for x in touched if x):  # the alias or a tag of each may have changed
             describe_version(client, v)
         run_id = run_id or tracking.open_run_id()
         if run_id:
@@ -229,18 +226,162 @@ def promote_if_better(version: str, miou: float, *, val_split: str, fingerprint:
             "champion_version": champ_version, "champion_miou": champ_miou}
 
 
+def _decide(version: str, miou: float, val_split: str, veto: str, champ, champ_miou: float | None) -> tuple[bool, str]:
+    """Whether `version` (mIoU `miou` on `val_split`) beats the champion `champ` (mIoU `champ_miou`
+    on that split, None when not measured there), and why."""
+    champ_version = _version(champ)
+    if not math.isfinite(miou):
+        return False, f"mIoU {miou} is not a number"
+    if veto:
+        return False, f"{veto} (mIoU {miou:.4f}): not a usable segmenter"
+    if champ is None:
+        return True, f"no champion yet; mIoU {miou:.4f} on val split {val_split}"
+    if champ_version == version:
+        return True, f"version {version} is already the champion"
+    if champ_miou is None or not math.isfinite(champ_miou):
+        return False, (f"champion version {champ_version} was evaluated on val split "
+                       f"{champ.tags.get(TAG_VAL_SPLIT) or '?'}, this model on {val_split}: not comparable; "
+                       "re-evaluate the champion on this split and pass champion_miou")
+    if miou > champ_miou:
+        return True, (f"mIoU {miou:.4f} beats champion version {champ_version} ({champ_miou:.4f}) "
+                      f"on val split {val_split}")
+    return False, (f"mIoU {miou:.4f} does not beat champion version {champ_version} ({champ_miou:.4f}) "
+                   f"on val split {val_split}")
+
+
+def _lost(miou: float, winner, val_split: str) -> str:
+    """Why a version that claimed the alias is not the champion after `_converge`."""
+    if winner.tags.get(TAG_VAL_SPLIT) != val_split:
+        return (f"version {winner.version}, evaluated on val split {winner.tags.get(TAG_VAL_SPLIT) or '?'}, "
+                f"became the champion at the same time: not comparable with this model's {val_split}")
+    return (f"mIoU {miou:.4f} does not beat version {winner.version} ({_score(winner):.4f}) on val split "
+            f"{val_split}, promoted at the same time")
+
+
+def _rescore(client, champ, champion_miou: float, val_split: str, version: str) -> None:
+    """The champion measured again on this split: record it, so the next run compares directly."""
+    before = champ.tags.get(TAG_MIOU)
+    was = f"{float(before):.4f} on val split {champ.tags.get(TAG_VAL_SPLIT) or '?'}" if before else "unscored"
+    rescored = {TAG_MIOU: f"{champion_miou:.6f}", TAG_VAL_SPLIT: val_split,
+                TAG_RESCORED: f"measured again on val split {val_split} when version {version} was "
+                              f"evaluated: {champion_miou:.4f} (was {was})"}
+    for k, v in rescored.items():
+        client.set_model_version_tag(MODEL_NAME, str(champ.version), k, v)
+
+
+def _set_decision(client, version: str, promoted: bool, reason: str) -> None:
+    client.set_model_version_tag(MODEL_NAME, version, TAG_DECISION, "promoted" if promoted else "kept")
+    client.set_model_version_tag(MODEL_NAME, version, TAG_REASON, reason)
+
+
+def _converge(client, val_split: str) -> tuple[object | None, set[str]]:
+    """Move the alias to the best version claiming it on `val_split`, until it stays: the
+    compare-and-retry that makes promoters racing on one model end with the best one.
+
+    MLflow has no compare-and-set on an alias, so the last writer wins; what makes the last
+    write right is the order. A promoter writes its version's mIoU, split, decision and claim
+    (`TAG_CLAIM`, the time) before its first pass; a pass reads the alias, then the claims
+    (`_claims`: decided "promoted" on this split, finite mIoU, claimed in the last
+    CLAIM_TTL_S), and sets the alias to the best of them and the champion (`_best`) unless the
+    alias already is that one; the promoter stops after a pass that writes nothing. Say the last
+    alias write happens at time T, by promoter P, and leaves X. P's final pass reads the alias
+    (X) and the claims after T and found X best. The best claim B was written either before
+    that read, so P saw it and X is at least as good, or after it, hence after T: then B's own
+    promoter, whose passes all come after its claim, read X and B and stopped, so again X is at
+    least as good. A version vetoed, not finite, kept or on another split never claims, so no
+    pass elects it; a champion on another split is not comparable and stays (as in
+    `promote_if_better`). Reading the alias before the claims makes the passes end: a promoter
+    that sees another's write also sees every claim that writer saw. This holds while each
+    promoter's passes end within CLAIM_TTL_S of its claim and the promoters' clocks agree
+    within it; nothing is held, so a killed promoter blocks no one (its claim counts for the
+    promotions of the next CLAIM_TTL_S). Returns the champion and the versions seen (whose
+    descriptions may need rewriting).
+    """
+    seen: set[str] = set()
+    for _ in range(MAX_PASSES):
+        champ = _champion(client)
+        claims = _claims(client, val_split)
+        seen |= {str(v.version) for v in claims} | {_version(champ)} - {None}
+        best = _best(champ, claims, val_split)
+        if best is None or str(best.version) == _version(champ):
+            return champ, seen
+        client.set_registered_model_alias(MODEL_NAME, CHAMPION, str(best.version))
+    log.warning("MLflow: the %s alias of %s still moved after %d passes (promotions keep arriving); "
+                "the last promoter settles it", CHAMPION, MODEL_NAME, MAX_PASSES)
+    return _champion(client), seen
+
+
+def _claims(client, val_split: str) -> list:
+    """The versions that beat the champion they saw on `val_split` in the last CLAIM_TTL_S."""
+    found = client.search_model_versions(f"name='{MODEL_NAME}' and tags.`{TAG_DECISION}` = 'promoted'")
+    now = time.time()
+    return [v for v in found if v.tags.get(TAG_VAL_SPLIT) == val_split and math.isfinite(_score(v))
+            and abs(now - _claimed_at(v)) <= CLAIM_TTL_S]
+
+
+def _best(champ, claims: list, val_split: str):
+    """The version the alias should name: the best of the champion and the claims on `val_split`
+    (a tie keeps the champion, else the earliest version); a champion on another split, or
+    unscored on this one, stays."""
+    if champ is not None and (champ.tags.get(TAG_VAL_SPLIT) != val_split or not math.isfinite(_score(champ))):
+        return champ
+    pool = ([champ] if champ is not None else []) + claims
+    return max(pool, key=lambda v: (_score(v), str(v.version) == _version(champ), -int(v.version)), default=None)
+
+
+def _version(mv) -> str | None:
+    return str(mv.version) if mv is not None else None
+
+
+def _score(mv) -> float:
+    """A version's mIoU tag (NaN when absent or not a number)."""
+    try:
+        return float(mv.tags.get(TAG_MIOU, "nan"))
+    except ValueError:
+        return math.nan
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _claimed_at(mv) -> float:
+    """When a version claimed the alias (Unix time; -inf when it did not, or the tag is unreadable)."""
+    try:
+        return datetime.fromisoformat(mv.tags.get(TAG_CLAIM, "")).timestamp()
+    except ValueError:
+        return -math.inf
+
+
 def describe_version(client, version: str) -> str:
     """Write the description of model version `version` from its tags and the alias, which it
     therefore never contradicts: champion or not, its mIoU and val split, the promotion decision
-    and its reason, a re-scoring, and the run that trained it (by name). Returns the text."""
-    mv = client.get_model_version(MODEL_NAME, str(version))
+    and its reason, a re-scoring, and the run that trained it (by name). Returns the text.
+
+    The alias is read again after writing, and the text rewritten if it moved meanwhile: so
+    the last text written agrees with the alias at that moment, and whoever moves the alias
+    later describes this version again if it is the champion before or after (`_converge`)."""
+    for _ in range(MAX_PASSES):
+        mv = client.get_model_version(MODEL_NAME, str(version))
+        champ = _champion(client)
+        text = _description(mv, _version(champ))
+        if mv.description == text:
+            return text
+        client.update_model_version(MODEL_NAME, str(version), description=text)
+        after = _champion(client)
+        if _version(after) == _version(champ):
+            return text
+    return text
+
+
+def _description(mv, champ_version: str | None) -> str:
+    """The description of model version `mv` when `champ_version` is the champion (Markdown)."""
     tags = mv.tags
-    champ = _champion(client)
     if TAG_MIOU not in tags:
         state = "Not evaluated yet."
     else:
-        role = "**Champion**" if champ is not None and str(champ.version) == str(mv.version) else (
-            f"Not the champion (version {champ.version} is)" if champ is not None else "Not the champion")
+        role = "**Champion**" if champ_version == str(mv.version) else (
+            f"Not the champion (version {champ_version} is)" if champ_version else "Not the champion")
         state = f"{role}: mIoU {float(tags[TAG_MIOU]):.4f} on val split {tags.get(TAG_VAL_SPLIT) or '?'}."
     lines = [state]
     if tags.get(TAG_REASON):
@@ -253,10 +394,7 @@ def describe_version(client, version: str) -> str:
              f"data fingerprint {tags[TAG_FINGERPRINT][:16]}" if tags.get(TAG_FINGERPRINT) else "",
              f"code {tags[TAG_CODE_VERSION]}" if tags.get(TAG_CODE_VERSION) else ""]
     lines.append(f"Trained by run {source}" + "".join(f", {e}" for e in extra if e) + ".")
-    text = "\n\n".join(lines)  # Markdown paragraphs, as MLflow's UI renders descriptions
-    if mv.description != text:
-        client.update_model_version(MODEL_NAME, str(version), description=text)
-    return text
+    return "\n\n".join(lines)  # Markdown paragraphs, as MLflow's UI renders descriptions
 
 
 def champion_info() -> dict | None:

@@ -21,19 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
-import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
+from xml.etree.ElementTree import Element, ParseError
 
 import numpy as np
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import parse
 from PIL import Image, ImageDraw
 from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 
-from cdsp_core import annotations, data
+from cdsp_core import annotations, data, outputs
 from cdsp_core.data import IGNORE
 from cdsp_core.errors import CdspError
 
@@ -54,11 +57,16 @@ def _normalise(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
-def _number(elem: ET.Element | None, what: str, path: Path) -> float:
+def _number(elem: Element | None, what: str, path: Path) -> float:
+    """The finite number an element holds (NaN and infinities are refused, as they have no pixel)."""
+    text = (elem.text or "").strip() if elem is not None else ""
     try:
-        return float((elem.text or "").strip())  # type: ignore[union-attr]
-    except (AttributeError, ValueError) as e:
-        raise CdspError(f"{path}: {what} is missing or not a number") from e
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise CdspError(f"{path}: {what} is missing or not a number (got {text[:40]!r}; a finite one is needed)")
+    return value
 
 
 def xml_to_scribble(xml_path: str | os.PathLike, classes: list[str],
@@ -69,15 +77,15 @@ def xml_to_scribble(xml_path: str | os.PathLike, classes: list[str],
     then agree with it (or be absent).
     """
     path = Path(xml_path)
-    try:
-        root = ET.parse(path).getroot()
-    except (ET.ParseError, OSError) as e:
-        raise CdspError(f"{path}: not a readable XML file: {e}") from e
+    try:  # defused: no DTD, no entities (an outside file)
+        root = parse(path, forbid_dtd=True).getroot()
+    except (ParseError, DefusedXmlException, OSError) as e:
+        raise CdspError(f"{path}: not a readable XML file: {type(e).__name__}: {e}") from e
 
     size_elem = root.find("size")
     if size_elem is not None:
-        xml_size = (int(_number(size_elem.find("width"), "size/width", path)),
-                    int(_number(size_elem.find("height"), "size/height", path)))
+        xml_size = annotations.check_size(str(path), _number(size_elem.find("width"), "size/width", path),
+                                          _number(size_elem.find("height"), "size/height", path))
         if size is not None and xml_size != tuple(size):
             raise CdspError(f"{path}: size {xml_size[0]}x{xml_size[1]} differs from its image's "
                             f"{size[0]}x{size[1]}")
@@ -85,8 +93,6 @@ def xml_to_scribble(xml_path: str | os.PathLike, classes: list[str],
     if size is None:
         raise CdspError(f"{path}: no annotation/size and no image to take the size from")
     width, height = size
-    if width < 1 or height < 1:
-        raise CdspError(f"{path}: invalid size {width}x{height}")
 
     index = {_normalise(c): i for i, c in enumerate(classes)}
     marks = []
@@ -130,7 +136,7 @@ def convert_scribbles(xml_dir: str | os.PathLike, image_dir: str | os.PathLike, 
     xml_files = sorted(xml_dir.glob("*.xml"))
     if not xml_files:
         raise CdspError(f"{xml_dir}: no .xml files found")
-    with data.new_output_dir(out_dir, CONVERT_MARKER) as tmp:
+    with outputs.output_dir(out_dir, "scribbles", inputs=[xml_dir, image_dir]) as tmp:
         for xml_path in xml_files:
             image = next((p for ext in data.IMAGE_EXTS if (p := image_dir / (xml_path.stem + ext)).is_file()), None)
             if image is None:
@@ -160,7 +166,7 @@ def convert_export(fmt: str, export: str | os.PathLike, out_dir: str | os.PathLi
     index = {_normalise(c): i for i, c in enumerate(classes)}
     names: dict[str, str] = {}
     written, unannotated, warnings = [], [], []
-    with data.new_output_dir(out_dir, CONVERT_MARKER) as tmp:
+    with outputs.output_dir(out_dir, "scribbles", inputs=[export, image_dir]) as tmp:
         for image in readers[fmt](export):
             where = f"{export}: image {image.name!r}"
             if image.id in names:
@@ -243,10 +249,10 @@ def degrade(scribble: np.ndarray, mode: str, ratio: float, rng: np.random.Genera
     """A worse copy of a scribble map: mode 'drop' (probability `ratio`) or 'shrink' (keep `ratio`)."""
     if mode not in ("drop", "shrink"):
         raise CdspError(f"unknown degradation mode {mode!r} (drop or shrink)")
-    if mode == "drop" and not 0.0 <= ratio <= 1.0:
-        raise CdspError(f"drop ratio {ratio} is not a probability in [0, 1]")
+    if mode == "drop" and not 0.0 <= ratio <= 1.0:  # also NaN
+        raise CdspError(f"--ratio {ratio}: not a probability in [0, 1] (the share of strokes drop removes)")
     if mode == "shrink" and not 0.0 < ratio <= 1.0:
-        raise CdspError(f"shrink ratio {ratio} is not a fraction in (0, 1]")
+        raise CdspError(f"--ratio {ratio}: not a fraction in (0, 1] (the share of each stroke shrink keeps)")
     labels, stroke_class = strokes(scribble)
     out = np.full_like(scribble, IGNORE)
     if not stroke_class:
@@ -281,7 +287,7 @@ def degrade_dir(scribble_dir: str | os.PathLike, out_dir: str | os.PathLike, mod
     if not files:
         raise CdspError(f"{src}: no .png scribbles found")
     degrade(np.zeros((1, 1), np.uint8), mode, ratio, np.random.default_rng(0))  # check the arguments first
-    with data.new_output_dir(out_dir, "degrade-scribbles.json") as tmp:
+    with outputs.output_dir(out_dir, "degraded-scribbles", inputs=[src]) as tmp:
         for path in files:
             rng = np.random.default_rng([seed, zlib.crc32(path.stem.encode())])
             Image.fromarray(degrade(data.read_label(path), mode, ratio, rng)).save(tmp / path.name)

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import TypeVar
 
+from cdsp_core import outputs
 from cdsp_core.errors import CdspError
 from cdsp_core.fsutil import atomic_dir, atomic_path, atomic_write_bytes
 
@@ -66,18 +67,7 @@ def check_key(key: str, where: str) -> str:
     Refused, with a CdspError naming the key: empty keys, absolute keys, backslashes, NUL,
     and empty, '.' or '..' segments, so no key can point outside the target folder.
     """
-    problem = None
-    if not key:
-        problem = "empty key"
-    elif key.startswith("/"):
-        problem = "absolute key"
-    elif "\\" in key or "\0" in key:
-        problem = "backslash or NUL in key"
-    else:
-        for part in key.split("/"):
-            if part in ("", ".", ".."):
-                problem = f"{'empty' if not part else repr(part)} path segment"
-                break
+    problem = outputs.unsafe(key, "key")  # the one rule for names joined under a folder
     if problem:
         raise CdspError(f"{where}: unsafe object key {key!r} ({problem}); refusing to map it to a local path")
     return key

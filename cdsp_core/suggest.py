@@ -60,6 +60,7 @@ def rank_images(model_uri: str, images: str, *, score: str = "margin", low_margi
         raise CdspError(f"unknown score {score!r} (use {' or '.join(SCORES)})")
     if not 0 < low_margin <= 1:
         raise CdspError(f"--low-margin {low_margin} is not in (0, 1]")
+    config.check_field(config.FIELDS["eval_tile"], tile)
     folder, files = evaluate.image_files(images)
     if exclude is not None:
         if not Path(exclude).is_dir():
@@ -98,6 +99,15 @@ def cvat_manifest(rows: list[dict]) -> str:
 COLUMNS = ("rank", "image", "id", "entropy", "margin", "width", "height")
 
 
+def writable_file(path: Path, what: str) -> None:
+    """Refuse, before any work, a file path that cannot be written: a folder, or below a file."""
+    if path.is_dir():
+        raise CdspError(f"{path}: {what} is a folder; name a file")
+    parent = next(p for p in path.absolute().parents if p.exists())  # where atomic_write_text's mkdir starts
+    if not parent.is_dir():
+        raise CdspError(f"{path}: {what} is below {parent}, which is a file, not a folder")
+
+
 def suggest(model_uri: str, images: str, out: str, *, n: int = 50, manifest: str | None = None,
             score: str = "margin", low_margin: float = LOW_MARGIN, device: str = "auto",
             tile: int = EvalConfig.eval_tile, exclude: str | None = None) -> list[dict]:
@@ -110,6 +120,8 @@ def suggest(model_uri: str, images: str, out: str, *, n: int = 50, manifest: str
     manifest_path = Path(manifest) if manifest else out_path.with_name("manifest.jsonl")
     if manifest_path.resolve() == out_path.resolve():
         raise CdspError(f"{manifest_path}: --manifest and --out are the same file")
+    for path, what in ((out_path, "--out"), (manifest_path, "--manifest")):
+        writable_file(path, what)
     rows = rank_images(model_uri, images, score=score, low_margin=low_margin, device=device, tile=tile,
                        exclude=exclude)[:n]
     if out_path.suffix.lower() == ".json":
@@ -146,8 +158,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude-labelled", default=None, metavar="SCRIBBLE_DIR",
                    help="leave out the images that have a <id>.png scribble in this folder")
     config.add_field_argument(p, SegTrainConfig, "device")
-    p.add_argument("--eval-tile", type=int, default=EvalConfig.eval_tile,
-                   help=f"images larger than this are segmented in overlapping tiles (default: {EvalConfig.eval_tile})")
+    config.add_field_argument(p, EvalConfig, "eval_tile")
     p.set_defaults(func=_run)
 
 

@@ -26,8 +26,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from cdsp_core.data import DEFAULT_SCRIBBLE_DIR, IGNORE, IMAGE_DIR, new_output_dir, voc_palette
+from cdsp_core.data import DEFAULT_SCRIBBLE_DIR, IGNORE, IMAGE_DIR, voc_palette
 from cdsp_core.errors import CdspError
+from cdsp_core.outputs import output_dir
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,7 @@ def make_dataset(out_dir: str | Path, n_train: int = 400, n_val: int = 100, size
         raise CdspError(f"{out_dir}: --size {size} is too small; use 32 pixels or more")
     palette = voc_palette()
     out = Path(out_dir)
-    with new_output_dir(out, MARKER) as tmp:
+    with output_dir(out, "synthetic-dataset") as tmp:
         for sub in (IMAGE_DIR, DEFAULT_SCRIBBLE_DIR, GT_DIR, SPLIT_DIR):
             (tmp / sub).mkdir(parents=True)
         for split_code, (split, n) in enumerate((("train", n_train), ("val", n_val))):

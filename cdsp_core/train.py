@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,11 +41,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from cdsp_core import config, data, evaluate, losses, modelfolder, models
+from cdsp_core import config, data, evaluate, losses, modelfolder, models, outputs
 from cdsp_core.config import ClassifierConfig, SegTrainConfig
 from cdsp_core.datasets import ClassificationDataset, SegmentationDataset
 from cdsp_core.errors import EXIT_PREEMPTED, CdspError, load_failure
-from cdsp_core.fsutil import atomic_path, atomic_write_text
+from cdsp_core.fsutil import atomic_path, atomic_write_text, replace_dir
 from cdsp_core.progress import progress
 from cdsp_core.transforms import train_transform
 
@@ -213,17 +214,35 @@ def load_checkpoint(path: Path, arch: dict) -> dict:
     return ckpt
 
 
-def _is_temporary(path: Path) -> bool:
-    """A file that atomic_path was writing when its process was killed."""
-    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+def training_folder(out: Path, kind: str, inputs: tuple, resume: bool, is_main: bool) -> Path:
+    """Where a run into `out` trains, checked by the output policy (outputs.py): `out` itself while it
+    holds no finished model (its checkpoint is what --resume continues; nothing finished can be lost),
+    else `outputs.staging(out)` beside it, which `fit` swaps in only once the new model is finished:
+    a failed or pre-empted run leaves the finished model whole (and its checkpoint, if any, in the
+    staging folder, where --resume continues). The first checkpoint makes the folder, with its marker:
+    a run refused before it writes nothing."""
+    work = outputs.staging(out) if (out / modelfolder.WEIGHTS).is_file() else out
+    if is_main:
+        outputs.check_target(out, kind, inputs=inputs)
+        if work != out and not resume:
+            shutil.rmtree(work, ignore_errors=True)  # an earlier failed run's: this one starts afresh
+        for stale in filter(outputs.is_temporary, work.iterdir() if work.is_dir() else []):
+            stale.unlink()  # left by a run killed in the middle of a write
+    return work
 
 
-def _check_out_dir(out: Path) -> None:
-    """Never train into a folder of someone else's files."""
-    marks = modelfolder.CHECKPOINT, modelfolder.CONFIG
-    if out.exists() and (not out.is_dir() or (any(not _is_temporary(p) for p in out.iterdir()) and not any(
-            (out / name).exists() for name in marks))):
-        raise CdspError(f"{out}: exists and is not a model folder (no {' or '.join(marks)}); choose a new --out")
+def swap_in(work: Path, out: Path, kind: str, resumed_from: Path) -> None:
+    """Make the finished model in `work` the model folder `out` (a finished model gives way only to a
+    finished one), with its checkpoint: the one this run wrote or, when nothing was left to train,
+    the one it resumed from (its time kept: it is the same checkpoint)."""
+    outputs.write_marker(work, kind)
+    if work == out:
+        return
+    checkpoint = work / modelfolder.CHECKPOINT
+    if not checkpoint.exists() and resumed_from.exists():
+        with atomic_path(checkpoint) as tmp:
+            shutil.copy2(resumed_from, tmp)
+    replace_dir(work, out)
 
 
 def checked_minutes(name: str, minutes: float) -> float:
@@ -336,7 +355,7 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
         resume: bool, on_metrics: MetricsCallback | None,
         validate: Callable[[nn.Module, torch.device], float] | None = None,
         on_checkpoint: Callable[[Path], None] | None = None, checkpoint_minutes: float = 0.0,
-        backbone_lr: float = 1.0, freeze_bn: bool = False) -> dict:
+        backbone_lr: float = 1.0, freeze_bn: bool = False, inputs: tuple = ()) -> dict:
     """Train `net` on `dataset` and write the model folder; the shared body of both stages.
 
     A checkpoint is written after every epoch, on SIGTERM, and, when `checkpoint_minutes` > 0,
@@ -344,17 +363,14 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
     so `resume` continues mid-epoch). `on_checkpoint(path)` runs after every checkpoint write
     (on rank 0), e.g. to copy it to storage that outlives the pod, so that a retried pipeline
     step can resume from it. The backbone learns at `backbone_lr` times `lr`, and with `freeze_bn` its
-    BatchNorm layers keep their statistics (eval mode).
+    BatchNorm layers keep their statistics (eval mode). `inputs`: the folders it reads, which the
+    output folder must not be, lie in or hold.
     """
     out = Path(out_dir)
-    ckpt_path = out / modelfolder.CHECKPOINT
     rank, world, device = init_distributed(device)
     is_main = rank == 0
-    if is_main:
-        _check_out_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in filter(_is_temporary, out.iterdir()):  # left by a run killed in the middle of a write
-            stale.unlink()
+    work = training_folder(out, arch["kind"], inputs, resume, is_main)
+    ckpt_path = work / modelfolder.CHECKPOINT
     seed_everything(seed + rank)  # the model is built already; DDP broadcasts rank 0's weights
 
     net.to(device, memory_format=torch.channels_last)  # faster convolutions on CUDA and on CPU (oneDNN)
@@ -376,24 +392,26 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
 
     start_epoch, skip, step, history = 0, 0, 0, []
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, arch)
+    # In the staging folder, a run that starts from a finished model resumes from its checkpoint.
+    resume_from = ckpt_path if ckpt_path.exists() or work == out else out / modelfolder.CHECKPOINT
+    if resume and resume_from.exists():
+        ckpt = load_checkpoint(resume_from, arch)
         try:
             net.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise CdspError(f"{ckpt_path}: does not fit this model: {str(e).splitlines()[0]}") from e
+            raise CdspError(f"{resume_from}: does not fit this model: {str(e).splitlines()[0]}") from e
         scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, skip, step, history = ckpt["epoch"], ckpt["iteration"], ckpt["step"], ckpt["history"]
         if is_main:
             set_rng_state(ckpt["rng"])
-        log.info("resumed from epoch %d%s (%s)", start_epoch, f", batch {skip}" if skip else "", ckpt_path)
+        log.info("resumed from epoch %d%s (%s)", start_epoch, f", batch {skip}" if skip else "", resume_from)
     elif resume:
         log.info("no checkpoint in %s: training from scratch", out)
     if is_main:  # only now that the checkpoint is accepted: a refused resume keeps a finished model
-        (out / modelfolder.WEIGHTS).unlink(missing_ok=True)  # model.pt means "finished"; this run is not yet
+        (work / modelfolder.WEIGHTS).unlink(missing_ok=True)  # model.pt means "finished"; this run is not yet
 
     ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else net
@@ -403,6 +421,8 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
     def checkpoint(epoch: int, iteration: int, step: int) -> None:
         nonlocal last_checkpoint
         if is_main:
+            if outputs.kind_of(work) is None:  # what the folder holds, from its first file on
+                outputs.write_marker(work, arch["kind"])
             save_checkpoint(ckpt_path, {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "iteration": iteration, "step": step,
@@ -463,9 +483,10 @@ def fit(net: nn.Module, loss_fn: LossFn, dataset, out_dir: str, *, arch: dict, m
 
     summary = summarize(history, time.perf_counter() - started)
     if is_main:
-        atomic_write_text(out / modelfolder.HISTORY, json.dumps(history, indent=2) + "\n")
-        atomic_write_text(out / modelfolder.CONFIG, json.dumps(model_config, indent=2, sort_keys=True) + "\n")
-        save_checkpoint(out / modelfolder.WEIGHTS, final_model(net).state_dict())  # last: it means "finished"
+        atomic_write_text(work / modelfolder.HISTORY, json.dumps(history, indent=2) + "\n")
+        atomic_write_text(work / modelfolder.CONFIG, json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+        save_checkpoint(work / modelfolder.WEIGHTS, final_model(net).state_dict())  # last: it means "finished"
+        swap_in(work, out, arch["kind"], resume_from)
     if world > 1:
         dist.barrier()
     return summary
@@ -541,7 +562,7 @@ def train_classifier(data_dir: str, out_dir: str, cfg: ClassifierConfig, *, devi
                model_config=model_config, final_model=lambda net: net.classifier,
                epochs=cfg.cls_epochs, batch_size=cfg.cls_batch_size, lr=cfg.cls_lr, momentum=CLS_MOMENTUM,
                weight_decay=cfg.cls_weight_decay, warmup_epochs=cfg.cls_warmup_epochs, workers=cfg.cls_workers,
-               amp=cfg.cls_amp, device=evaluate.resolve_device(device), seed=seed, resume=resume,
+               amp=cfg.cls_amp, device=evaluate.resolve_device(device), seed=seed, resume=resume, inputs=(data_dir,),
                on_metrics=on_metrics, on_checkpoint=on_checkpoint, backbone_lr=cfg.cls_backbone_lr,
                checkpoint_minutes=checked_minutes("cls_checkpoint_minutes", cfg.cls_checkpoint_minutes))
 
@@ -670,7 +691,8 @@ def train_segmenter(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: Se
                optimizer_name=cfg.optimizer,
                momentum=cfg.momentum, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
                workers=cfg.workers, amp=cfg.amp, device=evaluate.resolve_device(cfg.device), seed=cfg.seed,
-               resume=resume, on_metrics=on_metrics, validate=_val_miou(val_items, n) if val_items else None,
+               resume=resume, inputs=(data_dir, pseudo_dir), on_metrics=on_metrics,
+               validate=_val_miou(val_items, n) if val_items else None,
                on_checkpoint=on_checkpoint, checkpoint_minutes=checked_minutes("checkpoint_minutes",
                                                                               cfg.checkpoint_minutes),
                backbone_lr=cfg.backbone_lr, freeze_bn=cfg.freeze_bn)

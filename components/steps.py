@@ -245,6 +245,7 @@ def evaluate_step(prepared: Dataset, model: Model, metrics: Metrics, report: HTM
             champion_miou = champion_miou_on(data_dir, champion["uri"], cfg, device)
         decision = registry.promote_if_better(model_version, result["miou"], val_split=val_split,
                                               fingerprint=fingerprint, champion_miou=champion_miou,
+                                              champion_version=champion["version"] if champion else None,
                                               veto=evaluate.promotion_veto(result))
         tracking.log_final_metrics({"promoted": float(decision["promoted"])})  # the rest went with log_evaluation
         results = {**tracking.headline(result), "promoted": float(decision["promoted"])}

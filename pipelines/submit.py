@@ -23,6 +23,8 @@ import warnings
 
 import yaml
 
+from cdsp_core import config
+from cdsp_core.credentials import redact
 from cdsp_core.errors import CdspError
 
 HEALTHZ = "/apis/v2beta1/healthz"
@@ -114,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings; our error says it once
     try:
         arguments = typed_arguments(parameter_types(args.package), args.arguments)
+        config.check_values(arguments, named=lambda name: name)  # the ranges a step would refuse, before the run
         check_endpoint(args.endpoint)
         run_id = submit(args.endpoint, args.package, args.experiment, arguments)
     except CdspError as e:
-        print(f"submit: error: {e}", file=sys.stderr)
+        print(f"submit: error: {redact(str(e))}", file=sys.stderr)
         return 2
     print(f"submitted run {run_id} (experiment {args.experiment}) with {json.dumps(arguments, sort_keys=True)}")
     return 0

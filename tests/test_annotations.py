@@ -367,6 +367,12 @@ def test_labelstudio_image_names_and_skipped_results(tmp_path, caplog):
     (json.dumps([{"data": {"text": "x", "other": "y"}}]).encode(), r"task 1: no image URL"),
     (json.dumps([task("a.jpg", keypoint("cat", 1, 1)), task("x/a.png", keypoint("cat", 1, 1))]).encode(),
      r"image 'a.png': image 'a.jpg' has the same id 'a'"),
+    # the issue's (tracebacks before): a NUL in the URL, an image name too long for a file name, an unparsable URL
+    (json.dumps([task("/data/upload/1/a\0b.jpg", keypoint("cat", 1, 1))]).encode(),
+     r"id 'a\\x00b' is empty or holds a control character"),
+    (json.dumps([task("b" * 300 + ".jpg", keypoint("cat", 1, 1))]).encode(), r"300 bytes long; file names allow 200"),
+    (json.dumps([task("http://[x/a.jpg", keypoint("cat", 1, 1))]).encode(), r"cannot be parsed: Invalid IPv6 URL"),
+    (json.dumps([task("a.jpg", keypoint("cat", 10**400, 1))]).encode(), r"keypoint x/y 1000\d*/1 are not finite"),
 ])
 def test_labelstudio_hostile_or_bad_json_is_refused_naming_the_file(tmp_path, capsys, content, message):
     export = tmp_path / "export.json"
@@ -374,4 +380,22 @@ def test_labelstudio_hostile_or_bad_json_is_refused_naming_the_file(tmp_path, ca
     err = cli_error(capsys, "labelstudio", export, tmp_path / "out", "--classes", write_labelmap(tmp_path))
     assert f"{export}: " in err
     assert re.search(message, err), err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_keypoint_far_off_the_image_is_clamped_to_its_border(tmp_path, capsys, caplog):
+    """The issue's 1.7e308 (a traceback before: scaled to the image it overflowed to infinity)."""
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps([task("a.jpg", keypoint("cat", 1.7e308, 50), keypoint("dog", -1.7e308, 50))]))
+    assert convert("labelstudio", export, tmp_path / "out", "--classes", write_labelmap(tmp_path)) == 0
+    scribble = png(tmp_path / "out" / "a.png")
+    assert (scribble[4:7, 18:20] == 1).all() and (scribble[4:7, 0:2] == 2).all()  # dots at the right and left border
+    assert "2 keypoints off the image, clamped to its border" in caplog.text
+
+
+def test_a_cvat_image_name_too_long_for_a_file_name(tmp_path, capsys):
+    """The issue's 300-character CVAT image name (a traceback before, when its PNG was written)."""
+    export = _write(tmp_path / "annotations.xml", cvat_xml([("c" * 300 + ".jpg", (20, 10), [points("cat", "1,1")])]))
+    err = cli_error(capsys, "cvat", export, tmp_path / "out", "--classes", write_labelmap(tmp_path))
+    assert err.startswith(f"cdsp convert-scribbles: error: {export}: image 'ccc") and "300 bytes long" in err
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

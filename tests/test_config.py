@@ -3,11 +3,13 @@
 import argparse
 import hashlib
 import json
+import math
 from collections import Counter
 
 import pytest
 
 from cdsp_core import config
+from cdsp_core.errors import CdspError
 
 
 def test_field_names_are_unique_across_configs():
@@ -60,3 +62,74 @@ def test_parse_overrides_types_values_and_refuses_unknown_names():
             config.parse_overrides(config.SegTrainConfig, bad)
     with pytest.raises(ValueError, match="amp is a bool"):
         config.parse_overrides(config.SegTrainConfig, "amp=maybe")
+
+
+# ---------------------------------------------------------------------------- what each setting accepts
+
+
+def test_every_numeric_setting_declares_its_range():
+    """So that NaN, infinities and out-of-range values are refused for every setting (test_error_boundary
+    generates its bad values from these declarations)."""
+    for name, f in config.FIELDS.items():
+        if f.type in ("int", "float") and "choices" not in f.metadata:
+            assert {"min", "above"} & set(f.metadata) and {"max", "below"} & set(f.metadata), name
+
+
+def test_declared_choices_are_the_ones_the_code_knows():
+    from cdsp_core import losses, models
+
+    choices = {name: f.metadata.get("choices") for name, f in config.FIELDS.items()}
+    assert choices["backbone"] == choices["cls_backbone"] == models.BACKBONES
+    assert choices["segmenter"] == tuple(models.SEGMENTERS)
+    assert choices["lorm_distance"] == tuple(losses.LORM_DISTANCES)
+    assert choices["stem_stride"] == models.STEM_STRIDES
+
+
+@pytest.mark.parametrize("cls, values, message", [
+    (config.SegTrainConfig, {"batch_size": 0}, "--batch-size must be a whole number from 1 to 4096, got 0"),
+    (config.SegTrainConfig, {"lr": float("nan")}, "--lr must be a number > 0 and <= 10, got nan"),
+    (config.SegTrainConfig, {"momentum": 1.0}, "--momentum must be a number >= 0 and < 1, got 1.0"),
+    (config.SegTrainConfig, {"lr": "0.1"}, "--lr must be a number > 0 and <= 10, got '0.1'"),
+    (config.SegTrainConfig, {"epochs": True}, "--epochs must be a whole number from 1 to 100000, got True"),
+    (config.SegTrainConfig, {"amp": 1}, "--amp must be true or false, got 1"),
+    (config.SegTrainConfig, {"optimizer": "lion"}, "--optimizer must be sgd or adamw, got 'lion'"),
+    (config.SegTrainConfig, {"device": "gpu"}, "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (config.SegTrainConfig, {"aspp_rates": "6,0"}, "--aspp-rates must be empty or comma-separated whole numbers"),
+    (config.SegTrainConfig, {"scale_min": 3.0}, "--scale-min 3.0 is above --scale-max 2.0"),
+    (config.SegTrainConfig, {"batch_size": 1, "segmenter": "deeplabv3p"}, "--batch-size 1 cannot train deeplabv3p"),
+    (config.SegTrainConfig, {"batch_size": 1, "crop_size": 16, "output_stride": 16},
+     "--batch-size 1 with --crop-size 16 leaves one pixel"),
+    (config.ClassifierConfig, {"cls_batch_size": 1, "cls_crop_size": 16},
+     "--cls-batch-size 1 with --cls-crop-size 16 leaves"),
+    (config.EvalConfig, {"eval_tile": -1}, "--eval-tile must be 0 (off) or a whole number from 32 to 8192, got -1"),
+    (config.EvalConfig, {"eval_scales": "0.01"}, "--eval-scales must be comma-separated scales from 0.1 to 4.0"),
+    (config.PseudoLabelConfig, {"lambda_c": math.inf}, "--lambda-c must be a number > 0 and <= 1000000000, got inf"),
+    (config.BenchConfig, {"seeds": 0}, "--seeds must be a whole number from 1 to 1000, got 0"),
+])
+def test_a_config_refuses_what_its_fields_do_not_accept_as_it_is_made(cls, values, message):
+    with pytest.raises(CdspError) as e:
+        cls(**values)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_accepted_values_and_the_range_in_help():
+    assert config.EvalConfig(eval_tile=0).eval_tile == 0  # off: outside the range, accepted
+    assert config.SegTrainConfig(device="cuda:1", aspp_rates=" 6, 12", seed=2**32 - 1).device == "cuda:1"
+    assert config.parse_scales("0.5, 1,") == [0.5, 1.0] and config.parse_rates("") == []
+    for bad in ("", "x", "0.05", "nan", "1e999"):
+        with pytest.raises(ValueError, match="comma-separated floats from 0.1 to 4.0"):
+            config.parse_scales(bad)
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, config.SegTrainConfig)
+    assert "(default: 16; a whole number from 1 to 4096)" in " ".join(parser.format_help().split())
+
+
+def test_check_values_checks_the_settings_among_other_keys():
+    config.check_values({"data": "/x", "lr": None, "epochs": 3, "out": 5})  # not settings, unset: ignored
+    with pytest.raises(CdspError, match="^--seed must be"):
+        config.check_values({"seed": -1})
+    with pytest.raises(CdspError, match="^backbone must be"):
+        config.check_values({"backbone": "resnet19"}, named=str)
+    with pytest.raises(CdspError) as e:  # a credential in a value is not repeated
+        config.check_values({"device": "s3://KEY:SECRET@bucket/x"})
+    assert "SECRET" not in str(e.value) and "s3://bucket/x" in str(e.value)

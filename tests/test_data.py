@@ -225,27 +225,6 @@ def test_load_index_empty_split_and_no_lists(tmp_path):
         data.load_index(root)
 
 
-def test_new_output_dir_never_replaces_foreign_folders(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "precious.txt").write_text("mine")
-    with pytest.raises(CdspError, match="not empty and was not written by this command"):
-        with data.new_output_dir(out, "marker.json"):
-            pass
-    assert (out / "precious.txt").read_text() == "mine"
-    (out / "marker.json").write_text("{}")
-    with data.new_output_dir(out, "marker.json") as tmp:
-        (tmp / "marker.json").write_text("{}")
-        (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in out.iterdir()) == ["marker.json", "new.txt"]
-    with pytest.raises(RuntimeError):  # a failure leaves the previous output as it was
-        with data.new_output_dir(out, "marker.json") as tmp:
-            (tmp / "half.txt").write_text("half")
-            raise RuntimeError("boom")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in out.iterdir()) == ["marker.json", "new.txt"]
-
-
 # ---------------------------------------------------------------------------------------
 # The real ScribbleSup sample
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from tiny_data import tiny_dataset, write_label
 
-from cdsp_core import cli, data, datastore, prepare, storage
+from cdsp_core import cli, data, datastore, outputs, prepare, storage
 from cdsp_core.errors import CdspError
 
 
@@ -61,7 +61,7 @@ def test_unchanged_data_is_decided_from_the_listing_alone(root, tmp_path):
     store = str(tmp_path / "store")
     a = _prepare(str(root), store, "run-a")
     assert a["cost"]["listed"] == len(storage.list_files(str(root)))
-    assert a["cost"]["downloaded"] == a["cost"]["listed"] - 1  # all but synth.json, no part of the dataset
+    assert a["cost"]["downloaded"] == a["cost"]["listed"] - 2  # not synth.json, cdsp-output.json
     assert a["changes"]["since"] is None and a["changes"]["added"] == {
         "train": [f"train_{i:05d}" for i in range(4)], "val": ["val_00000", "val_00001"]}
     n = _n_objects(Path(store))
@@ -158,7 +158,7 @@ def test_cli_prepare_into_a_store_and_checkout(root, tmp_path, capsys):
     store, out = tmp_path / "store", tmp_path / "prepared"
     assert cli.main(["prepare", "--data", str(root), "--out", str(out), "--store", str(store)]) == 0
     assert "nothing downloaded" not in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == [datastore.DATASET, data.MANIFEST]  # no copy of the data
+    assert sorted(p.name for p in out.iterdir()) == [outputs.MARKER, datastore.DATASET, data.MANIFEST]  # no data
     record = json.loads((out / datastore.DATASET).read_text())
     assert cli.main(["prepare", "--data", str(root), "--out", str(out), "--store", str(store)]) == 0
     assert "nothing downloaded" in capsys.readouterr().out
@@ -174,7 +174,7 @@ def test_s3_unchanged_listing_and_an_object_replaced_between_listing_and_downloa
     data_uri, store = f"s3://{bucket}/voc", f"s3://{bucket}/kfp/datastore"
     storage.upload_dir(root, data_uri)
     a = _prepare(data_uri, store, "run-a")
-    assert a["cost"]["downloaded"] == a["cost"]["listed"] - 1 and a["cost"]["stored"] > 0
+    assert a["cost"]["downloaded"] == a["cost"]["listed"] - 2 and a["cost"]["stored"] > 0  # not synth.json, its marker
     gets = []
     real = storage.download_version
     monkeypatch.setattr(storage, "download_version", lambda uri, dest, **kw: gets.append(uri) or real(uri, dest, **kw))

@@ -109,17 +109,20 @@ def test_copy_makes_a_dataset_root_that_later_stages_read(root, tmp_path):
     assert (index.val[0].gt.read_bytes() == (root / "SegmentationClass" / "val_00000.png").read_bytes())
     # re-preparing replaces the earlier copy; copying into the dataset itself is refused
     assert prepare.prepare(str(root), str(out), "scr", "lists", copy=True)["fingerprint"] == m["fingerprint"]
-    with pytest.raises(CdspError, match="cannot go into the dataset itself"):
+    with pytest.raises(CdspError, match="the output folder is the input"):
         prepare.prepare(str(root), str(root), "scr", "lists", copy=True)
-    with pytest.raises(CdspError, match="not empty and was not written by this command"):
+    with pytest.raises(CdspError, match="the output folder lies inside the input"):
         prepare.prepare(str(root), str(root / "JPEGImages"), "scr", "lists", copy=True)
     assert leftovers(tmp_path) == [] and leftovers(root) == []
 
 
-def test_manifest_in_the_dataset_root(root):
-    (root / "pascal_2012_scribble").rename(root / "scr")
-    prepare.prepare(str(root), str(root), scribble_dir="scr")
-    assert data.load_index(root).scribble_dir == "scr"
+def test_the_manifest_never_goes_into_the_dataset_itself(root):
+    # A manifest in the dataset root would make it look like cdsp's output, which a later
+    # `prepare --copy --out` there would replace whole: the dataset's other files gone.
+    before = sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+    with pytest.raises(CdspError, match=rf"^{root}: the output folder is the input {root}; choose an --out"):
+        prepare.prepare(str(root), str(root))
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == before
 
 
 # ---------------------------------------------------------------------------------------

@@ -112,7 +112,8 @@ def test_unchanged_data_skips_training_and_new_scribbles_retrain(tmp_path, monke
     assert "| background |" in a["report"]
     prepared = run_a / "data-prep" / "prepared"
     record = json.loads((prepared / datastore.DATASET).read_text())
-    assert record["n_train"] == 8 and record["cost"]["downloaded"] == record["cost"]["listed"] - 1  # not synth.json
+    assert record["n_train"] == 8
+    assert record["cost"]["downloaded"] == record["cost"]["listed"] - 2  # not synth.json, its marker
     assert sorted(p.name for p in prepared.iterdir()) == [datastore.DATASET]  # the files are in the data store
     store = tmp_path / "out" / "runs" / "datastore"
     assert record["store"] == str(store) and datastore.read_record(str(store), record["run"])["manifest"] == \

@@ -216,13 +216,13 @@ def test_a_malicious_pickle_is_refused_everywhere_weights_are_loaded(tmp_path, c
          model_dir / "model.pt"),
         ("predict", ["--model", model_dir, "--images", root / "JPEGImages", "--out", tmp_path / "pred",
                      "--device", "cpu"], model_dir / "model.pt"),
-        ("pseudo-label", ["--data", root, "--classifier", model_dir, "--out", tmp_path / "pseudo"],
-         model_dir / "model.pt"),
         ("train-seg", ["--data", root, "--out", model_dir, "--resume", "--backbone", "resnet18",
                        *SCRIBBLES_ONLY],
          model_dir / "checkpoint.pt"),
         ("train-seg", ["--data", root, "--out", tmp_path / "fresh", "--backbone", "resnet18", "--pretrained",
                        tmp_path / "resnet18.pth", *SCRIBBLES_ONLY], tmp_path / "resnet18.pth"),
+        ("pseudo-label", ["--data", root, "--classifier", model_dir, "--out", tmp_path / "pseudo"],
+         model_dir / "model.pt"),
     ]
     for command, args, culprit in runs:
         if command == "pseudo-label":  # the classifier folder must say it holds a classifier

@@ -107,3 +107,12 @@ def test_bad_run_arguments_are_named(package):
         assert str(err.value).startswith(message), str(err.value)
     with pytest.raises(CdspError, match="give its URL, with http:// or https://"):
         submit.check_endpoint("kfp.example.com")
+
+
+def test_run_arguments_out_of_their_range_are_refused_before_submitting(package, capsys):
+    """What a step would refuse (batch_size 0, lr nan) is refused here, before the endpoint is even asked."""
+    for pair, message in [("batch_size=0", "batch_size must be a whole number from 1 to 4096, got 0"),
+                          ("lr=nan", "lr must be a number > 0 and <= 10, got nan")]:
+        assert submit.main(["--endpoint", "http://127.0.0.1:9", package, "data_uri=s3://b/d", pair]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("submit: error: ") and message in err and "cannot reach" not in err, err

@@ -277,12 +277,12 @@ def test_adamw_narrow_and_at_output_stride_16_trains_and_the_model_reloads_so(ti
     assert model.backbone.output_stride == 16 and model.backbone.out_channels == 128
     assert info["aspp_rates"] == "1,2,3,4" and [c.dilation[0] for c in model.aspp] == [1, 2, 3, 4]
     assert info["stem_stride"] == 2 and isinstance(model.backbone.maxpool, torch.nn.Identity)
-    with pytest.raises(CdspError, match="unknown optimizer 'lion'"):
+    with pytest.raises(CdspError, match="--optimizer must be sgd or adamw, got 'lion'"):
         train_seg(tiny, tmp_path / "x", epochs=1, optimizer="lion", l_lorm=0.0, l_ds=0.0, l_dc=0.0)
     assert not (tmp_path / "x").exists()  # refused before any output
-    with pytest.raises(CdspError, match="unknown lorm_scope 'background'"):
+    with pytest.raises(CdspError, match="--lorm-scope must be all or foreground, got 'background'"):
         train_seg(tiny, tmp_path / "x", epochs=1, lorm_scope="background")
-    with pytest.raises(CdspError, match="unknown lorm_distance 'l1': use squared or cosine"):
+    with pytest.raises(CdspError, match="--lorm-distance must be squared or cosine, got 'l1'"):
         train_seg(tiny, tmp_path / "x", epochs=1, lorm_distance="l1")
     with pytest.raises(CdspError, match="lorm_distance cosine needs lorm_scope foreground"):
         train_seg(tiny, tmp_path / "x", epochs=1, lorm_distance="cosine", lorm_scope="all")
@@ -310,7 +310,7 @@ def test_backbone_learning_rate_factor_and_frozen_batchnorm(tiny, tmp_path):
     # trained BatchNorm moves its statistics
     moved = torch.load(tmp_path / "half" / "model.pt", weights_only=True)
     assert not torch.equal(moved["backbone.bn1.running_mean"], before["backbone.bn1.running_mean"])
-    with pytest.raises(CdspError, match="backbone learning-rate factor must be >= 0, got -1"):
+    with pytest.raises(CdspError, match=r"--backbone-lr must be a number from 0 to 10, got -1.0"):
         train_seg(tiny, tmp_path / "x", epochs=1, backbone_lr=-1.0, l_lorm=0.0)
 
 
