@@ -184,7 +184,8 @@ def segment(model: nn.Module, images: torch.Tensor, scales: Sequence[float] = (1
     h, w = x.shape[-2:]
     total = None
     for s in scales:
-        xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        size = (max(1, int(h * s)), max(1, int(w * s)))  # a tiny image at a small scale keeps a pixel
+        xs = x if s == 1.0 else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         for flipped in ((False, True) if flip else (False,)):
             p = probabilities(model, xs.flip(-1) if flipped else xs, tile)
             p = p.flip(-1) if flipped else p

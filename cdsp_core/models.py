@@ -10,10 +10,11 @@ MobileNetV2 reaches output stride 16 or 8 the DeepLab way: its last stride-2 blo
 1 and dilate their depthwise convolutions instead.
 
 Every backbone's `forward(x)` returns (low-level map at stride 4, last map at the output stride)
-and the attributes `low_level_channels`, `out_channels`, `output_stride`.
+and the attributes `low_level_channels`, `out_channels`, `output_stride`, `skipped_keys` (prefixes of
+the torchvision state dict it leaves out, dropped when weights load).
 
 Builders:
-    make_backbone(name, output_stride, width, stem_stride)             -> ResNet | MobileNetV2
+    make_backbone(name, output_stride, width, stem_stride, segmenter)  -> ResNet | MobileNetV2
     build_classifier(backbone, n_classes, output_stride, pretrained="") -> Classifier
     build_segmenter(name, backbone, n_classes, pretrained="")          -> DeepLabV2 | DeepLabV3Plus
     LoRM(channels)   the localisation rectification module (training only, kept outside the segmenter)
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdsp_core import config
 from cdsp_core.errors import CdspError, load_failure
 
 # ---------------------------------------------------------------------------- ResNet
@@ -126,6 +128,7 @@ class ResNet(nn.Module):
         self.low_level_channels = w * block.expansion
         self.out_channels = 8 * w * block.expansion
         self.output_stride = stem_stride * 8 // 2 ** sum(bool(d) for d in replace_stride_with_dilation)
+        self.skipped_keys = ()  # layers of torchvision's that this backbone leaves out (MobileNetV2's)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -222,13 +225,17 @@ MOBILENET_V2_LOW_LEVEL = 4  # features[:4] ends at stride 4 (24 channels): DeepL
 class MobileNetV2(nn.Module):
     """torchvision's MobileNetV2 (width 1.0) without its classification top (`classifier`): `features.0`..`18`.
 
-    The last map is that of `features.18`, the 1×1 convolution to 1280 channels, the layer the
-    ImageNet classifier reads: it is trained, so both stages start from all of the ImageNet network
-    (and its state dict loads strictly). Output stride 32, 16 or 8: the stride-2 blocks past it keep
-    stride 1 and their stage's later blocks dilate their depthwise convolutions (as ResNet layers do).
+    With `last_conv` (the classifier's backbone) the last map is that of `features.18`, the 1×1
+    convolution to 1280 channels that the ImageNet classifier reads. Without it (the segmenters'),
+    the last map is the 320-channel output of the last block, `features.17`, as DeepLab-v3+ and
+    Google's DeepLab models read MobileNetV2; `features.18.*` is then left out when ImageNet weights
+    load (`skipped_keys`). On 225-px crops at stride 16 a DeepLab-v2 head with LoRM trains 1.9×
+    faster so (LoRM's two 1×1 projections are C×C), docs/benchmarks.md "Real photos".
+    Output stride 32, 16 or 8: the stride-2 blocks past it keep stride 1 and their stage's later
+    blocks dilate their depthwise convolutions (as ResNet layers do).
     """
 
-    def __init__(self, output_stride: int = 32):
+    def __init__(self, output_stride: int = 32, last_conv: bool = True):
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise CdspError(f"output stride must be 8, 16 or 32 for mobilenet_v2, got {output_stride}")
@@ -245,10 +252,12 @@ class MobileNetV2(nn.Module):
                 layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t,
                                                previous_dilation if i == 0 else dilation))
                 cin = c
-        layers.append(ConvBNReLU6(cin, 1280, 1))
+        if last_conv:
+            layers.append(ConvBNReLU6(cin, 1280, 1))
+        self.skipped_keys = () if last_conv else (f"features.{len(layers)}.",)
         self.features = nn.Sequential(*layers)
         self.low_level_channels = layers[MOBILENET_V2_LOW_LEVEL - 1].conv[-1].num_features
-        self.out_channels = layers[-1][1].num_features
+        self.out_channels = cin if not last_conv else layers[-1][1].num_features
         self.output_stride = output_stride
 
         for m in self.modules():  # torchvision's initialisation
@@ -266,13 +275,16 @@ class MobileNetV2(nn.Module):
 BACKBONES = (*RESNETS, "mobilenet_v2")
 
 
-def make_backbone(name: str, output_stride: int = 32, width: int = 64, stem_stride: int = 4) -> ResNet | MobileNetV2:
-    """A backbone by name: a ResNet (`resnet`) or MobileNetV2, whose width and stem are torchvision's only."""
+def make_backbone(name: str, output_stride: int = 32, width: int = 64, stem_stride: int = 4,
+                  segmenter: bool = False) -> ResNet | MobileNetV2:
+    """A backbone by name: a ResNet (`resnet`) or MobileNetV2, whose width and stem are torchvision's only.
+
+    `segmenter`: the backbone as the segmenters read it (MobileNetV2 without its last 1×1 convolution)."""
     if name == "mobilenet_v2":
         if width != 64 or stem_stride != 4:
             raise CdspError(f"mobilenet_v2 has torchvision's width and stem only: width 64 and stem stride 4, "
                             f"got {width} and {stem_stride}")
-        return MobileNetV2(output_stride)
+        return MobileNetV2(output_stride, last_conv=not segmenter)
     if name not in RESNETS:
         raise CdspError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)})")
     return resnet(name, output_stride, width, stem_stride)
@@ -325,7 +337,7 @@ def load_pretrained(model: nn.Module, path_or_uri: str) -> nn.Module:
         raise CdspError(f"{path_or_uri}: not a state dict of tensors")
     if any(k.startswith(BACKBONE_PREFIX) for k in state):  # our model file: its backbone alone
         state = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
-    state = {k: v for k, v in state.items() if not k.startswith(IMAGENET_TOPS)}
+    state = {k: v for k, v in state.items() if not k.startswith(IMAGENET_TOPS + target.skipped_keys)}
 
     own = target.state_dict()
     # BatchNorm fills in num_batches_tracked when old torchvision files lack it.
@@ -465,14 +477,11 @@ SEGMENTERS: dict[str, type[nn.Module]] = {"deeplabv2": DeepLabV2, "deeplabv3p": 
 
 
 def parse_rates(text: str) -> tuple[int, ...]:
-    """Atrous rates from "6,12,18,24" ("" = none given)."""
+    """Atrous rates from "6,12,18,24" ("" = none given): `config.parse_rates`, as a CdspError naming the setting."""
     try:
-        rates = tuple(int(r) for r in text.split(",") if r.strip())
-    except ValueError:
-        rates = (0,)
-    if any(r < 1 for r in rates):
-        raise CdspError(f"aspp_rates: expected comma-separated positive integers, got {text!r}")
-    return rates
+        return tuple(config.parse_rates(text))
+    except ValueError as e:
+        raise CdspError(f"aspp_rates: {e}") from e
 
 
 def build_segmenter(name: str, backbone: str, n_classes: int, pretrained: str = "",
@@ -487,7 +496,7 @@ def build_segmenter(name: str, backbone: str, n_classes: int, pretrained: str = 
     if name not in SEGMENTERS:
         raise CdspError(f"unknown segmenter {name!r} (choose from {', '.join(SEGMENTERS)})")
     rates = parse_rates(aspp_rates)
-    model = SEGMENTERS[name](make_backbone(backbone, output_stride, width=width, stem_stride=stem_stride), n_classes,
+    model = SEGMENTERS[name](make_backbone(backbone, output_stride, width, stem_stride, segmenter=True), n_classes,
                              **({"rates": rates} if rates else {}))
     if pretrained:
         load_pretrained(model, pretrained)

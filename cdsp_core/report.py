@@ -99,12 +99,16 @@ def confusion_plot(matrix: list[list[int]], names: Sequence[str], path: str | Pa
 
 def mlflow_ui_url(tracking_uri: str, route: str) -> str | None:
     """The MLflow UI's address of `route` (e.g. `experiments/1/runs/<id>`, `models/<name>/versions/3`)
-    on an http(s) tracking server; None for other stores (a SQLite file has no UI of its own)."""
+    on an http(s) tracking server; None for other stores (a SQLite file has no UI of its own).
+
+    The address asks for the UI's model-training mode (`workflowType`): MLflow 3's side bar otherwise
+    starts in, and remembers, its GenAI mode, whatever the experiment's kind."""
     parts = urllib.parse.urlsplit(tracking_uri)
     if parts.scheme not in ("http", "https"):
         return None
     netloc = parts.netloc.rsplit("@", 1)[-1]  # never a user:password into a page
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/", "", "")) + "#/" + route
+    mode = ("&" if "?" in route else "?") + "workflowType=machine_learning"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/", "", "")) + "#/" + route + mode
 
 
 CSS = """

@@ -37,6 +37,7 @@ import csv
 import functools
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -508,11 +509,14 @@ def headline(metrics: dict) -> dict[str, float]:
 
 
 def log_final_metrics(metrics: dict, run_id: str | None = None, step: int = 0) -> dict[str, float]:
-    """Log (synchronously) the numeric entries of `metrics`; returns what was logged."""
+    """Log (synchronously) the numeric entries of `metrics`, to 4 decimals; returns what was logged.
+
+    Rounded because the UI prints every digit it is given (0.17961111…) and cuts the column: a
+    seed moves an mIoU by far more than 1e-4."""
     from mlflow.entities import Metric
 
     run_id = run_or_active(run_id)
-    flat = flat_metrics(metrics)
+    flat = {k: round(v, 4) if math.isfinite(v) else v for k, v in flat_metrics(metrics).items()}
     now = int(time.time() * 1000)
     points = [Metric(k, v, now, step) for k, v in flat.items()]
     with recording(f"the final metrics of run {run_id}"):

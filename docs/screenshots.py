@@ -1,17 +1,17 @@
-"""`make screenshots`: the MLflow dashboard as a user sees it, as PNGs under docs/images/.
+"""`make screenshots`: the MLflow dashboard as a user sees it after `make bench-real` and `make demo-real`.
 
-    .venv/bin/python docs/screenshots.py [--out docs/images] [--work build/screenshots]
+    .venv/bin/python docs/screenshots.py [--out docs/images] [--bench build/bench-real/results/results.json]
 
-Fills a throwaway MLflow store (`fill_store`) with a small `cdsp bench` (scribble-only and cdsp,
-one seed) and a small demo (the whole pipeline through kfp's local runner) on synthetic data,
-serves the UI on 127.0.0.1 (`mlflow server`, as `make mlflow-ui` does) and photographs it with
-Debian's Chromium, headless: the bench's runs table in the view the bench prints (its results as
-columns), the compare view of the two bench runs, the demo's evaluation overlays in the artifact
-view, and the registered model. tests/test_dashboard.py reads a store filled by `fill_store`
-through the MLflow client.
+Serves the project's MLflow store (`mlflow.db` and `mlruns/`, as `make mlflow-ui` does) on
+127.0.0.1 and photographs it with Debian's Chromium, headless: the real-photo bench's runs table in
+the view the bench prints (its results as columns, best first), the compare page of its
+`scribble-only` and `cdsp` runs of the first seed, the latest pipeline run's evaluation overlays
+(real photos) in the artifact view, and the latest registered model version. Nothing is trained
+here: the pictures show the runs those two commands left, as a user would find them.
 
 Chromium opens the UI by a name other than localhost (mapped to 127.0.0.1), as one opens a shared
-MLflow server: on localhost, MLflow's UI opens its assistant panel over a third of the page.
+MLflow server: on localhost, MLflow's UI opens its assistant panel over a third of the page. Every
+address asks for the UI's model-training mode (`report.mlflow_ui_url` adds it), not its GenAI one.
 """
 
 from __future__ import annotations
@@ -31,46 +31,33 @@ sys.path.insert(0, str(REPO / "tests"))  # the tests' MLflow server (tests/servi
 from PIL import Image  # noqa: E402
 from services import mlflow_server  # noqa: E402
 
-from cdsp_core import registry, tracking  # noqa: E402
+from cdsp_core import registry, report, tracking  # noqa: E402
 
 UI_HOST = "mlflow.test"  # resolved to 127.0.0.1 by Chromium's --host-resolver-rules
-BENCH_ROWS = "scribble-only,cdsp"
 SIZE = (1280, 860)
-TALL = (1280, 2350)  # the compare page: its params and metrics tables come below a plot
+TALL = (1280, 2000)  # the compare page: its params and metrics tables come below a plot
 
 
-def run(argv: list[str], env: dict[str, str], log: Path) -> None:
-    with open(log, "w") as out:
-        done = subprocess.run(argv, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(argv[:4])} failed ({done.returncode}); its log: {log}")
-
-
-def fill_store(tracking_uri: str, work: Path, *, n_train: int = 100, n_val: int = 20, size: int = 64,
-               epochs: int = 8) -> dict:
-    """A small bench and a small demo into the MLflow server at `tracking_uri`; what they made."""
-    work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "2"}
-    py = sys.executable
-    data = work / "data"
-    if not (data / "synth.json").is_file():
-        run([py, "-m", "cdsp_core", "synth", "--out", str(data), "--n-train", str(n_train), "--n-val", str(n_val),
-             "--size", str(size)], env, work / "synth.log")
-    run([py, "-m", "cdsp_core", "bench", "--data", str(data), "--out", str(work / "bench"), "--preset", "cpu",
-         "--runs", BENCH_ROWS, "--seeds", "1", "--epochs", str(epochs), "--cls-epochs", "2", "--jobs", "1"],
-        env, work / "bench.log")
-    run([py, "-m", "pipelines.local_run", "--out", str(work / "demo"), "--synth-train", str(n_train),
-         "--synth-val", str(n_val), "--synth-size", str(size), "--epochs", str(epochs), "--cls-epochs", "2"],
-        env, work / "demo.log")
-
+def pages(bench_results: Path) -> dict[str, str]:
+    """The routes to photograph (after the UI's `#/`), found in the store the client points at."""
     client = tracking.mlflow_client()
+    bench = json.loads(bench_results.read_text())
+    runs = client.search_runs([bench["mlflow"]["experiment_id"]], f"tags.`cdsp.bench` = '{bench['bench_id']}'")
+    by_name = {r.info.run_name: r for r in runs}
+    pair = [by_name[f"{row} · s0"] for row in ("scribble-only", "cdsp")]
     pipeline_exp = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
-    evaluate = client.search_runs([pipeline_exp.experiment_id], f"tags.`{tracking.TAG_STAGE}` = 'evaluate'")[0]
-    version = client.search_model_versions(f"name='{registry.MODEL_NAME}'")[0]
-    return {"bench": json.loads((work / "bench" / "results.json").read_text())["mlflow"],
-            "bench_output": (work / "bench.log").read_text(errors="replace"),
-            "pipeline_experiment": pipeline_exp.experiment_id, "evaluate_run": evaluate.info.run_id,
-            "model_version": version.version}
+    evaluate = client.search_runs([pipeline_exp.experiment_id], f"tags.`{tracking.TAG_STAGE}` = 'evaluate'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)[0]
+    version = max(client.search_model_versions(f"name='{registry.MODEL_NAME}'"), key=lambda v: int(v.version))
+    route = bench["mlflow"]["runs_url"].split("#/", 1)[1]
+    return {
+        "mlflow-runs.png": route,
+        "mlflow-compare.png": tracking.compare_url([r.info.run_id for r in pair],
+                                                   [pair[0].info.experiment_id])[0].split("#/", 1)[1],
+        "mlflow-artifacts.png": f"experiments/{pipeline_exp.experiment_id}/runs/{evaluate.info.run_id}"
+                                "/artifacts/overlays/val_00000.png",
+        "mlflow-registry.png": f"models/{registry.MODEL_NAME}/versions/{version.version}",
+    }
 
 
 def shoot(url: str, path: Path, profile: Path, size: tuple[int, int]) -> None:
@@ -89,26 +76,22 @@ def shoot(url: str, path: Path, profile: Path, size: tuple[int, int]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "docs" / "images"), help="folder of the PNGs")
-    parser.add_argument("--work", default=None, help="folder of the throwaway store and runs (default: a temp folder)")
+    parser.add_argument("--bench", default=str(REPO / "build" / "bench-real" / "results" / "results.json"),
+                        help="results.json of the bench to show (make bench-real's)")
+    parser.add_argument("--store", default=f"sqlite:///{REPO / 'mlflow.db'}", help="MLflow backend store")
+    parser.add_argument("--artifacts", default=str(REPO / "mlruns"), help="its default artifact root")
     args = parser.parse_args()
+    if not Path(args.bench).is_file():
+        raise SystemExit(f"{args.bench}: no bench results; run `make bench-real` and `make demo-real` first")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="cdsp-shots-") as tmp:
-        work = Path(args.work or tmp)
-        with mlflow_server(work / "mlflow", ui_host=UI_HOST) as server:
-            os.environ["MLFLOW_TRACKING_URI"] = server.url
-            made = fill_store(server.url, work)
-            ui = f"http://{UI_HOST}:{server.port}"
-            pages = {  # the links the bench printed, and two more pages
-                "mlflow-runs.png": made["bench"]["runs_url"].replace(server.url, ui),
-                "mlflow-compare.png": made["bench"]["compare_url"].replace(server.url, ui),
-                "mlflow-artifacts.png": f"{ui}/#/experiments/{made['pipeline_experiment']}/runs/"
-                                        f"{made['evaluate_run']}/artifacts/overlays/val_00000.png",
-                "mlflow-registry.png": f"{ui}/#/models/{registry.MODEL_NAME}/versions/{made['model_version']}",
-            }
-            profile = work / "chromium"
-            for name, url in pages.items():
-                shoot(url, out / name, profile, TALL if name == "mlflow-compare.png" else SIZE)
+    with tempfile.TemporaryDirectory(prefix="cdsp-shots-") as tmp, \
+            mlflow_server(tmp, ui_host=UI_HOST, store=(args.store, args.artifacts)) as server:
+        os.environ["MLFLOW_TRACKING_URI"] = server.url
+        ui = f"http://{UI_HOST}:{server.port}"
+        for name, route in pages(Path(args.bench)).items():
+            url = report.mlflow_ui_url(ui, route)
+            shoot(url, out / name, Path(tmp) / "chromium", TALL if name == "mlflow-compare.png" else SIZE)
     return 0
 
 

@@ -154,16 +154,19 @@ def s3_server(folder: str | os.PathLike | None = None) -> Iterator[S3Server]:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: str | os.PathLike | None = None, ui_host: str = "") -> Iterator[Service]:
+def mlflow_server(folder: str | os.PathLike | None = None, ui_host: str = "",
+                  store: tuple[str, str] | None = None) -> Iterator[Service]:
     """`mlflow server` over `folder/mlflow.db` (SQLite) and `folder/artifacts`; `url` is the tracking URI.
 
     `ui_host`: a name (mapped to 127.0.0.1 by the browser) the UI is also served under.
+    `store`: (backend store URI, artifact root) of an existing store to serve instead, as `make mlflow-ui` does.
     """
     with _folder(folder, "mlflow-") as where:
         port = free_port()
-        argv = [executable("mlflow", "pip install mlflow"), "server",
-                "--backend-store-uri", f"sqlite:///{where / 'mlflow.db'}",
-                "--artifacts-destination", str(where / "artifacts"),
+        where_to = (["--backend-store-uri", store[0], "--default-artifact-root", store[1]] if store else
+                    ["--backend-store-uri", f"sqlite:///{where / 'mlflow.db'}",
+                     "--artifacts-destination", str(where / "artifacts")])
+        argv = [executable("mlflow", "pip install mlflow"), "server", *where_to,
                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
         if ui_host:  # MLflow refuses other Host headers and origins than localhost's (DNS rebinding)
             argv += ["--allowed-hosts", f"{ui_host}:{port},127.0.0.1:{port},localhost:{port}",

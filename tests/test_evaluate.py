@@ -273,3 +273,10 @@ def test_cli_reports_bad_input_in_one_line(tiny, tmp_path, capsys):
     assert rc == 2
     assert err.count("\n") == 0 and "missing: model folder not found" in err
     assert not (tmp_path / "e").exists()
+
+
+def test_the_smallest_scale_on_a_tiny_image_still_predicts_every_pixel(tiny):
+    """--eval-scales allows 0.1: a 5-px image is then predicted from a 1-px one, not refused by torch."""
+    model, _ = evaluate.load_model(str(tiny / "model"))
+    labels = evaluate.segment(model, torch.randn(3, 5, 7), scales=(0.1, 1.0), flip=True, tile=0)
+    assert labels.shape == (5, 7)

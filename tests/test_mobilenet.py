@@ -92,14 +92,20 @@ def test_torchvision_weights_load_into_both_stages(tmp_path, head):
     assert torch.equal(clf.backbone.features[18][0].weight, state["features.18.0.weight"])
     seg = build_segmenter(head, "mobilenet_v2", 7, pretrained=str(path), output_stride=16)
     assert torch.equal(seg.backbone.features[3].conv[1][1].running_var, state["features.3.conv.1.1.running_var"])
+    # the segmenters read the last block's 320 channels, as DeepLab does: features.18 is left out
+    assert len(seg.backbone.features) == 18 and not any(k.startswith("features.18.") for k in seg.state_dict())
+    assert torch.equal(seg.backbone.features[17].conv[3].weight, state["features.17.conv.3.weight"])
     out = seg(torch.randn(2, 3, 33, 33))
-    assert out["out"].shape == (2, 7, 33, 33) and out["features"].shape == (2, 1280, 3, 3)
+    assert out["out"].shape == (2, 7, 33, 33) and out["features"].shape == (2, 320, 3, 3)
     out["out"].sum().backward()
     assert seg.backbone.features[0][0].weight.grad.abs().sum() > 0
     # a later run can start from this one's backbone (a segmenter's or classifier's model.pt)
     torch.save(clf.state_dict(), tmp_path / "model.pt")
     again = build_segmenter(head, "mobilenet_v2", 7, pretrained=str(tmp_path / "model.pt"), output_stride=8)
-    assert torch.equal(again.backbone.features[18][1].weight, state["features.18.1.weight"])
+    assert torch.equal(again.backbone.features[17].conv[3].weight, state["features.17.conv.3.weight"])
+    torch.save(seg.state_dict(), tmp_path / "model.pt")
+    again = build_segmenter(head, "mobilenet_v2", 7, pretrained=str(tmp_path / "model.pt"), output_stride=8)
+    assert torch.equal(again.backbone.features[1].conv[0][0].weight, state["features.1.conv.0.0.weight"])
 
 
 def test_a_mismatch_names_the_file_and_the_keys(tmp_path):

@@ -61,9 +61,9 @@ def test_matrix_names_come_from_the_evaluation_not_from_the_present_classes():
 
 def test_mlflow_ui_urls_only_for_a_web_server():
     assert report.mlflow_ui_url("http://mlflow.kubeflow:5000", "experiments/1/runs/abc") == \
-        "http://mlflow.kubeflow:5000/#/experiments/1/runs/abc"
+        "http://mlflow.kubeflow:5000/#/experiments/1/runs/abc?workflowType=machine_learning"
     assert report.mlflow_ui_url("https://u:secret@host/mlflow/", "models/m/versions/2") == \
-        "https://host/mlflow/#/models/m/versions/2"
+        "https://host/mlflow/#/models/m/versions/2?workflowType=machine_learning"  # model training, not GenAI
     assert report.mlflow_ui_url("sqlite:////tmp/mlflow.db", "experiments/1") is None
 
 
@@ -94,7 +94,7 @@ def test_evaluation_html_says_what_was_decided_against_which_champion_with_links
     assert "never predicted, though in the ground truth: dog" in page
     for url in ("http://mlflow:5000/#/models/cdsp-segmenter/versions/4", "http://mlflow:5000/#/models/cdsp-segmenter/"
                 "versions/3", "http://mlflow:5000/#/experiments/7/runs/r1", "http://mlflow:5000/#/experiments/7/runs/p1"):
-        assert f'href="{url}"' in page
+        assert f'href="{url}?workflowType=machine_learning"' in page
     assert "<td>&lt;b&gt;cat&lt;/b&gt;</td><td>0.4500</td>" in page and "<b>cat</b>" not in page  # the IoU table
     # self-contained: the confusion matrix and each overlay embedded, nothing fetched from elsewhere
     images = re.findall(r'<img[^>]* src="([^"]*)"', page)
