@@ -107,7 +107,7 @@ def mlflow_ui_url(tracking_uri: str, route: str) -> str | None:
     if parts.scheme not in ("http", "https"):
         return None
     netloc = parts.netloc.rsplit("@", 1)[-1]  # never a user:password into a page
-    mode = ("&" if "?" in route else "?") + "workflowType=machine_learning"
+    mode = "" if "workflowType=" in route else ("&" if "?" in route else "?") + "workflowType=machine_learning"
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/", "", "")) + "#/" + route + mode
 
 

@@ -48,6 +48,7 @@ def pages(bench_results: Path) -> dict[str, str]:
     pipeline_exp = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
     evaluate = client.search_runs([pipeline_exp.experiment_id], f"tags.`{tracking.TAG_STAGE}` = 'evaluate'",
                                   order_by=["attributes.start_time DESC"], max_results=1)[0]
+    overlay = client.list_artifacts(evaluate.info.run_id, "overlays")[0].path  # named after the val image
     version = max(client.search_model_versions(f"name='{registry.MODEL_NAME}'"), key=lambda v: int(v.version))
     route = bench["mlflow"]["runs_url"].split("#/", 1)[1]
     return {
@@ -55,7 +56,7 @@ def pages(bench_results: Path) -> dict[str, str]:
         "mlflow-compare.png": tracking.compare_url([r.info.run_id for r in pair],
                                                    [pair[0].info.experiment_id])[0].split("#/", 1)[1],
         "mlflow-artifacts.png": f"experiments/{pipeline_exp.experiment_id}/runs/{evaluate.info.run_id}"
-                                "/artifacts/overlays/val_00000.png",
+                                f"/artifacts/{overlay}",
         "mlflow-registry.png": f"models/{registry.MODEL_NAME}/versions/{version.version}",
     }
 
