@@ -252,12 +252,13 @@ class MobileNetV2(nn.Module):
                 layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t,
                                                previous_dilation if i == 0 else dilation))
                 cin = c
+        self.skipped_keys = () if last_conv else (f"features.{len(layers)}.",)
         if last_conv:
             layers.append(ConvBNReLU6(cin, 1280, 1))
-        self.skipped_keys = () if last_conv else (f"features.{len(layers)}.",)
+            cin = 1280
         self.features = nn.Sequential(*layers)
         self.low_level_channels = layers[MOBILENET_V2_LOW_LEVEL - 1].conv[-1].num_features
-        self.out_channels = cin if not last_conv else layers[-1][1].num_features
+        self.out_channels = cin
         self.output_stride = output_stride
 
         for m in self.modules():  # torchvision's initialisation

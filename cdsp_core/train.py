@@ -245,13 +245,6 @@ def swap_in(work: Path, out: Path, kind: str, resumed_from: Path) -> None:
     replace_dir(work, out)
 
 
-def checked_minutes(name: str, minutes: float) -> float:
-    """The timed-checkpoint interval of setting `name`, refused unless >= 0."""
-    if not minutes >= 0:  # also NaN
-        raise CdspError(f"{name}={minutes}: must be >= 0 (minutes between timed checkpoints; 0: epoch ends only)")
-    return minutes
-
-
 # ---------------------------------------------------------------------------- the loop
 
 
@@ -564,7 +557,7 @@ def train_classifier(data_dir: str, out_dir: str, cfg: ClassifierConfig, *, devi
                weight_decay=cfg.cls_weight_decay, warmup_epochs=cfg.cls_warmup_epochs, workers=cfg.cls_workers,
                amp=cfg.cls_amp, device=evaluate.resolve_device(device), seed=seed, resume=resume, inputs=(data_dir,),
                on_metrics=on_metrics, on_checkpoint=on_checkpoint, backbone_lr=cfg.cls_backbone_lr,
-               checkpoint_minutes=checked_minutes("cls_checkpoint_minutes", cfg.cls_checkpoint_minutes))
+               checkpoint_minutes=cfg.cls_checkpoint_minutes)
 
 
 # ---------------------------------------------------------------------------- stage 2: segmenter
@@ -659,17 +652,11 @@ def train_segmenter(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: Se
     if not any(weights.values()):
         raise CdspError("every loss weight is 0: nothing to train "
                         f"(set one of {'/'.join(config.flag(name) for name in LOSS_WEIGHTS.values())})")
-    if cfg.lorm_scope not in ("all", "foreground"):
-        raise CdspError(f"unknown lorm_scope {cfg.lorm_scope!r}: use all or foreground")
-    if cfg.lorm_distance not in losses.LORM_DISTANCES:
-        raise CdspError(f"unknown lorm_distance {cfg.lorm_distance!r}: use {' or '.join(losses.LORM_DISTANCES)}")
+    # Each setting's own range and choices were checked as `cfg` was made (config.py); what is left
+    # are the rules between settings.
     if weights["lorm"] and cfg.lorm_distance == "cosine" and cfg.lorm_scope != "foreground":
         raise CdspError("lorm_distance cosine needs lorm_scope foreground: off the foreground F' is 0 and "
                         "has no direction")
-    if cfg.optimizer not in ("sgd", "adamw"):
-        raise CdspError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
-    if any(w < 0 for w in weights.values()):
-        raise CdspError("loss weights must be >= 0")
     if weights["lorm"] and not any(w for t, w in weights.items() if t != "lorm"):
         raise CdspError("--l-lorm alone trains no classifier head; switch on another loss term")
     index = data.load_index(data_dir)
@@ -693,8 +680,7 @@ def train_segmenter(data_dir: str, pseudo_dir: str | None, out_dir: str, cfg: Se
                workers=cfg.workers, amp=cfg.amp, device=evaluate.resolve_device(cfg.device), seed=cfg.seed,
                resume=resume, inputs=(data_dir, pseudo_dir), on_metrics=on_metrics,
                validate=_val_miou(val_items, n) if val_items else None,
-               on_checkpoint=on_checkpoint, checkpoint_minutes=checked_minutes("checkpoint_minutes",
-                                                                              cfg.checkpoint_minutes),
+               on_checkpoint=on_checkpoint, checkpoint_minutes=cfg.checkpoint_minutes,
                backbone_lr=cfg.backbone_lr, freeze_bn=cfg.freeze_bn)
 
 
